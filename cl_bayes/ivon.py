@@ -1,0 +1,577 @@
+"""IVON: Improved Variational Online Newton, written from the paper's equations.
+
+Shen et al., "Variational Learning is Effective for Large Deep Networks", ICML 2024,
+Algorithm 1, generalised to a Gaussian prior N(m0, diag(1 / prior_precision)) with a
+per-parameter mean and precision.
+
+The posterior is q = N(m, diag(sigma^2)) with
+
+    sigma^2 = 1 / (lambda * (h + delta)),      delta = prior_precision / lambda,
+
+where lambda is the effective sample size ``ess`` (the training-set size for a Bayesian
+posterior), h is the per-example Hessian estimate and delta is the prior precision *per
+example*. One step, for a loss that is the *mean* over a mini-batch:
+
+    for i in 1..S (mc_samples):
+        eps_i ~ N(0, sigma^2);  g_i = grad at theta = m + eps_i;  hhat_i = g_i * eps_i / sigma^2
+    ghat, hhat = averages over the S samples
+    g <- beta1 g + (1 - beta1) ghat                                           (momentum)
+    h <- beta2 h + (1 - beta2) hhat + 0.5 (1 - beta2)^2 (h - hhat)^2 / (h + delta)
+    m <- m - alpha * clip((g / (1 - beta1^t) + delta (m - m0)) / (h + delta), clip_radius)
+
+With m0 = 0 and delta = weight_decay this is the paper's (and ``ivon-opt``'s) update.
+Conventions shared with ``ivon-opt`` 0.1.3 so that it can serve as a test oracle:
+
+* ``rescale_lr``: alpha = lr * (hess_init + weight_decay) (the constructor's values of the
+  parameter group), so the first steps have size ~lr whatever hess_init is;
+* ``debias``: the momentum is divided by 1 - beta1^t (t counts all steps); off: by 1;
+* ``clip_radius``: element-wise clipping of the preconditioned direction;
+* the noise is drawn group by group, one ``normal_`` call per parameter group, from the
+  global torch generator.
+
+The prior. ``weight_decay`` is delta at construction: the prior starts as N(0, 1 / (ess *
+weight_decay)). After that the prior is held as (``prior_mean``, ``prior_precision``),
+*total* precision, and ``set_prior`` changes it. Setting ``ess`` keeps ``prior_precision``
+fixed, so delta = prior_precision / ess changes, and the posterior precision
+ess * (h + delta) = ess * h + prior_precision weighs the prior the same whatever the size
+of the data set. (A group's ``weight_decay`` is afterwards used only for ``rescale_lr``.)
+
+Storage. The trainable parameters (``requires_grad`` at construction, in the order given,
+over all groups) become views into one flat tensor, the posterior mean. Hess, momentum and
+prior are flat buffers in that order and live on the optimizer, *not* in ``self.state``,
+so Avalanche's ``reset_optimizer``/``update_optimizer(reset_state=True)``, which replace
+``self.state``, leave the whole posterior, the momentum and the step count intact. The
+parameter set is fixed: a parameter whose size changes, or a new trainable parameter in
+the groups, raises a ValueError at the next sampling. This module is pure torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+from cl_bayes.posterior import DiagonalGaussian
+
+__all__ = [
+    "IVON",
+    "hessian_estimate",
+    "hessian_update",
+    "mean_update",
+    "momentum_update",
+    "posterior_std",
+]
+
+
+# --------------------------------------------------------------------------- equations
+#
+# One function per line of Algorithm 1. Each is pure by default (it allocates its result);
+# the optimizer passes ``out`` (which may be the state being updated) and ``work`` (scratch
+# tensors shaped like the inputs) so that a step allocates nothing: fresh multi-megabyte
+# tensors cost page faults, which measured several times the arithmetic itself.
+
+Work = tuple[Tensor, Tensor] | None
+
+
+def posterior_std(hess: Tensor, delta: Tensor, ess: float, *, out: Tensor | None = None) -> Tensor:
+    """sigma = 1 / sqrt(lambda * (h + delta)); a sample is m + eps with eps = sigma * z, z ~ N(0, I)."""
+    return torch.add(hess, delta, out=out).mul_(ess).rsqrt_()
+
+
+def hessian_estimate(grad_times_z: Tensor, sigma: Tensor, *, out: Tensor | None = None) -> Tensor:
+    """hhat = g * eps / sigma^2 = g * z / sigma (reparametrisation/Price estimator)."""
+    return torch.div(grad_times_z, sigma, out=out)
+
+
+def momentum_update(g: Tensor, ghat: Tensor, beta1: float, *, out: Tensor | None = None) -> Tensor:
+    """g <- beta1 g + (1 - beta1) ghat."""
+    return torch.lerp(g, ghat, 1.0 - beta1, out=out)
+
+
+def hessian_update(
+    h: Tensor, hhat: Tensor, delta: Tensor, beta2: float, *, out: Tensor | None = None, work: Work = None
+) -> Tensor:
+    """h <- beta2 h + (1 - beta2) hhat + 0.5 (1 - beta2)^2 (h - hhat)^2 / (h + delta).
+
+    The last term (the paper's Riemannian correction) keeps the precision positive: for any
+    hhat, h' + delta >= (h + delta) / 2 > 0. (h itself can turn negative when delta > h.)
+    beta2 = 1 freezes h.
+    """
+    w1, w2 = work if work is not None else (None, None)
+    correction = torch.sub(h, hhat, out=w1).square_()
+    h_plus_delta = torch.add(h, delta, out=w2)
+    return torch.lerp(h, hhat, 1.0 - beta2, out=out).addcdiv_(correction, h_plus_delta, value=0.5 * (1.0 - beta2) ** 2)
+
+
+def mean_update(
+    m: Tensor,
+    g: Tensor,
+    h: Tensor,
+    delta: Tensor,
+    prior_mean: Tensor,
+    lr: float,
+    debias: float,
+    clip_radius: float,
+    *,
+    out: Tensor | None = None,
+    work: Work = None,
+) -> Tensor:
+    """m <- m - lr * clip((g / debias + delta (m - m0)) / (h + delta), clip_radius).
+
+    Computed as m - (lr / debias) * clip((g + debias delta (m - m0)) / (h + delta), debias * clip_radius),
+    the same number with fewer passes over memory.
+    """
+    w1, w2 = work if work is not None else (None, None)
+    numerator = torch.sub(m, prior_mean, out=w1)
+    numerator = torch.addcmul(g, delta, numerator, value=debias, out=w1)
+    h_plus_delta = torch.add(h, delta, out=w2)
+    if math.isfinite(clip_radius):
+        direction = numerator.div_(h_plus_delta).clamp_(-debias * clip_radius, debias * clip_radius)
+        return torch.sub(m, direction, alpha=lr / debias, out=out)
+    return torch.addcdiv(m, numerator, h_plus_delta, value=-lr / debias, out=out)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_hyperparameters(
+    *,
+    lr: float,
+    hess_init: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    clip_radius: float,
+    where: str = "",
+) -> None:
+    checks = [
+        ("lr", lr, math.isfinite(lr) and lr >= 0.0, "a finite number >= 0"),
+        ("hess_init", hess_init, math.isfinite(hess_init) and hess_init > 0.0, "a finite number > 0"),
+        ("beta1", beta1, 0.0 <= beta1 < 1.0, "in [0, 1)"),
+        ("beta2", beta2, 0.0 <= beta2 <= 1.0, "in [0, 1] (1 freezes the Hessian)"),
+        ("weight_decay", weight_decay, math.isfinite(weight_decay) and weight_decay >= 0.0, "a finite number >= 0"),
+        ("clip_radius", clip_radius, clip_radius > 0.0, "> 0 (inf: no clipping)"),
+    ]
+    for name, value, ok, expected in checks:
+        if not ok:
+            raise ValueError(f"IVON: {name} must be {expected}, got {value!r}{where}")
+
+
+def _check_ess(ess: float) -> float:
+    if isinstance(ess, bool) or not isinstance(ess, (int, float)) or not (math.isfinite(ess) and ess > 0):
+        raise ValueError(f"IVON: ess (effective sample size) must be a finite number > 0, got {ess!r}")
+    return float(ess)
+
+
+# --------------------------------------------------------------------------- optimizer
+
+_GROUP_KEYS = ("lr", "hess_init", "beta1", "beta2", "weight_decay", "clip_radius")
+
+
+class IVON(torch.optim.Optimizer):
+    """IVON with a diagonal Gaussian prior; see the module docstring for the maths.
+
+    Training step (S = ``mc_samples``), by hand or with a closure::
+
+        for _ in range(S):
+            with opt.sampled_params(train=True):
+                opt.zero_grad(); loss_fn(model(x), y).backward()
+        opt.step()
+        # or: opt.step(closure) with closure = zero_grad, forward, backward, return loss
+
+    Bayesian model average: ``with torch.no_grad(), opt.sampled_params(): model(x)``, repeated.
+
+    The loss must be the *mean* over the batch (ess supplies the data-set size). Construct with
+    the ``ess`` of the first experience: the initial prior precision is ess * weight_decay, and
+    a later ``opt.ess = n`` keeps that precision (use ``set_prior`` to choose it explicitly).
+    Checkpoint the model's ``state_dict`` (the mean) together with this optimizer's.
+    """
+
+    def __init__(
+        self,
+        params,
+        *,
+        lr: float,
+        ess: float,
+        hess_init: float = 1.0,
+        beta1: float = 0.9,
+        beta2: float = 0.99999,
+        weight_decay: float = 1e-4,
+        mc_samples: int = 1,
+        clip_radius: float = math.inf,
+        rescale_lr: bool = True,
+        debias: bool = True,
+    ) -> None:
+        _check_hyperparameters(
+            lr=lr, hess_init=hess_init, beta1=beta1, beta2=beta2, weight_decay=weight_decay, clip_radius=clip_radius
+        )
+        self._ess = _check_ess(ess)
+        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+            raise ValueError(f"IVON: mc_samples must be an integer >= 1, got {mc_samples!r}")
+        self.mc_samples = mc_samples
+        self.rescale_lr = bool(rescale_lr)
+        self.debias = bool(debias)
+        self._flat: Tensor | None = None  # set last: add_param_group is closed from then on
+        defaults = dict(
+            lr=lr, hess_init=hess_init, beta1=beta1, beta2=beta2, weight_decay=weight_decay, clip_radius=clip_radius
+        )
+        super().__init__(params, defaults)
+        self._build_layout()
+
+    def add_param_group(self, param_group: dict) -> None:
+        if self._flat is not None:
+            raise RuntimeError("IVON: the flat posterior is fixed at construction; give all parameter groups then")
+        for key in ("ess", "mc_samples"):
+            if key in param_group:
+                raise ValueError(f"IVON: {key} is global, not a per-group setting")
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _check_hyperparameters(
+            **{k: group[k] for k in _GROUP_KEYS}, where=f" (parameter group {len(self.param_groups) - 1})"
+        )
+
+    def _build_layout(self) -> None:
+        params, group_of, slices, start = [], [], [], 0
+        for gi, group in enumerate(self.param_groups):
+            trainable = [p for p in group["params"] if p.requires_grad]
+            params += trainable
+            group_of += [gi] * len(trainable)
+            end = start + sum(p.numel() for p in trainable)
+            slices.append(slice(start, end))
+            start = end
+        if not params:
+            raise ValueError("IVON: no parameter with requires_grad=True")
+        if len({(p.dtype, p.device) for p in params}) > 1:
+            raise ValueError("IVON: all parameters must share one dtype and one device")
+        if not params[0].dtype.is_floating_point:
+            raise ValueError(f"IVON: parameters must be floating point, got {params[0].dtype}")
+        self._params: tuple[Tensor, ...] = tuple(params)
+        self._group_of = tuple(group_of)
+        self._group_slices: tuple[slice, ...] = tuple(slices)
+        self._numels = tuple(p.numel() for p in params)
+        self._offsets = tuple(sum(self._numels[:i]) for i in range(len(params)))
+        flat = torch.cat([p.detach().reshape(-1) for p in params])
+        self._flat = flat
+        for i in range(len(params)):
+            self._link(i)
+        self._hess = self._per_group("hess_init")
+        self._momentum = torch.zeros_like(flat)
+        self._prior_mean = torch.zeros_like(flat)
+        self._prior_precision = self._per_group("weight_decay").mul_(self._ess)
+        self._step_count = 0
+        # per-step scratch: the current sample's z (eps = sigma * z), the mean it replaced, the sample sums
+        self._noise = torch.empty_like(flat)
+        self._saved_mean = torch.empty_like(flat)
+        self._grad_sum = torch.empty_like(flat)
+        self._grad_noise_sum = torch.empty_like(flat)
+        self._work1 = torch.empty_like(flat)
+        self._work2 = torch.empty_like(flat)
+        self._std_buffer = torch.empty_like(flat)
+        self._count = 0
+        self._active = [True] * len(params)
+        self._sampling = False
+        self._commit()
+
+    def _per_group(self, key: str) -> Tensor:
+        out = torch.empty_like(self._flat)
+        for group, sl in zip(self.param_groups, self._group_slices, strict=True):
+            out[sl] = group[key]
+        return out
+
+    def _link(self, i: int) -> None:
+        """Make parameter i a view into the flat mean (copying its current value there)."""
+        p, sl = self._params[i], slice(self._offsets[i], self._offsets[i] + self._numels[i])
+        view = self._flat[sl].view(p.shape)
+        if p.data_ptr() != view.data_ptr():
+            view.copy_(p.detach())
+            p.data = view
+
+    def _commit(
+        self,
+        *,
+        hess: Tensor | None = None,
+        prior_mean: Tensor | None = None,
+        prior_precision: Tensor | None = None,
+        ess: float | None = None,
+    ) -> None:
+        """The one place h, prior and ess change: validate, assign, recompute delta = prior_precision / ess."""
+        if self._count:
+            raise RuntimeError("IVON: gradient samples are pending; call step() before changing ess, hess or prior")
+        ess = self._ess if ess is None else _check_ess(ess)
+        new_hess = self._hess if hess is None else hess
+        new_precision = self._prior_precision if prior_precision is None else prior_precision
+        delta = new_precision / ess
+        if not (new_hess + delta > 0).all():
+            raise ValueError("IVON: hess + prior_precision / ess (the precision per example) must be > 0")
+        for buffer, value in (
+            (self._hess, hess),
+            (self._prior_mean, prior_mean),
+            (self._prior_precision, prior_precision),
+        ):
+            if value is not None:
+                buffer.copy_(value)
+        self._ess, self._delta = ess, delta
+        self._std: Tensor | None = None  # the noise scale is recomputed at the next sampling
+
+    def _check_layout(self) -> None:
+        """Fail loudly if the parameters changed; relink those whose storage was replaced."""
+        trainable = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+        if len(trainable) != len(self._params) or any(p is not q for p, q in zip(trainable, self._params, strict=True)):
+            members = [{id(p) for p in group["params"]} for group in self.param_groups]
+            moved = len(members) != len(self._group_slices) or any(
+                id(p) not in members[gi] for p, gi in zip(self._params, self._group_of, strict=True)
+            )
+            if moved:
+                raise ValueError("IVON: a parameter left its group; the flat posterior needs a fixed parameter set")
+            known = {id(p) for p in self._params}
+            new = [tuple(p.shape) for p in trainable if id(p) not in known]
+            if new:
+                raise ValueError(
+                    f"IVON: new trainable parameter(s) of shapes {new} in the groups; "
+                    "the flat posterior is fixed at construction"
+                )
+        for i, p in enumerate(self._params):
+            if p.numel() != self._numels[i]:
+                raise ValueError(
+                    f"IVON: parameter {i} changed size from {self._numels[i]} to {p.numel()} elements; "
+                    "IVON keeps flat posterior buffers, so heads must not grow (use fixed heads)"
+                )
+            if p.data_ptr() != self._flat.data_ptr() + self._offsets[i] * self._flat.element_size():
+                if p.dtype != self._flat.dtype or p.device != self._flat.device:
+                    raise ValueError("IVON: a parameter changed dtype or device; create a new optimizer")
+                self._link(i)
+
+    # ------------------------------------------------------------------ sampling
+
+    @contextmanager
+    def sampled_params(self, train: bool = False) -> Iterator[None]:
+        """Put a posterior sample m + eps into the weights; restore the mean on exit, always.
+
+        With ``train=True`` the gradients present when the body ends (call ``backward``
+        inside) are recorded, with eps, for the next ``step()``. A body that raises records
+        nothing. Parameters whose ``.grad`` is None are skipped by that step.
+        """
+        if self._sampling:
+            raise RuntimeError("IVON: sampled_params is not re-entrant")
+        self._check_layout()
+        if self._std is None:
+            self._std = posterior_std(self._hess, self._delta, self._ess, out=self._std_buffer)
+        with torch.no_grad():
+            for sl in self._group_slices:  # one draw per group, in order (ivon-opt's RNG order)
+                self._noise[sl].normal_()
+            self._saved_mean.copy_(self._flat)
+            self._flat.addcmul_(self._noise, self._std)
+        self._sampling = True
+        try:
+            yield
+            if train:
+                self._record_sample()
+        finally:
+            with torch.no_grad():
+                self._flat.copy_(self._saved_mean)
+            self._sampling = False
+
+    @torch.no_grad()
+    def _record_sample(self) -> None:
+        grads = [p.grad for p in self._params]
+        if any(g is not None and g.is_sparse for g in grads):
+            raise RuntimeError("IVON does not support sparse gradients")
+        first = self._count == 0
+        if first:
+            self._active = [g is not None for g in grads]
+        else:
+            self._active = [a and g is not None for a, g in zip(self._active, grads, strict=True)]
+        flat_grads = [
+            (g if g is not None else torch.zeros_like(p)).reshape(-1) for p, g in zip(self._params, grads, strict=True)
+        ]
+        if first:
+            torch.cat(flat_grads, out=self._grad_sum)
+            torch.mul(self._grad_sum, self._noise, out=self._grad_noise_sum)
+        else:
+            torch.cat(flat_grads, out=self._work1)
+            self._grad_sum.add_(self._work1)
+            self._grad_noise_sum.addcmul_(self._work1, self._noise)
+        self._count += 1
+
+    # ------------------------------------------------------------------ update
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """One IVON update from the samples recorded since the last step.
+
+        With a closure (zero_grad, forward, backward, return the loss), it is first called
+        ``mc_samples`` times, each inside ``sampled_params(train=True)``; returns the mean loss.
+        """
+        if self._sampling:
+            raise RuntimeError("IVON: call step() after leaving sampled_params")
+        loss = None
+        if closure is not None:
+            losses = []
+            for _ in range(self.mc_samples):
+                with self.sampled_params(train=True), torch.enable_grad():
+                    losses.append(closure())
+            loss = sum(losses) / len(losses)
+        if self._count == 0:
+            raise RuntimeError(
+                "IVON: no gradient sample recorded; run backward inside sampled_params(train=True) or pass a closure"
+            )
+        self._update()
+        return loss
+
+    def _update(self) -> None:
+        self._step_count += 1
+        ghat, grad_noise = self._grad_sum, self._grad_noise_sum
+        if self._count > 1:
+            ghat.div_(self._count)
+            grad_noise.div_(self._count)
+        kept = [(i, self._snapshot(i)) for i, active in enumerate(self._active) if not active]
+        hhat = hessian_estimate(grad_noise, self._std, out=grad_noise)
+        for group, sl in zip(self.param_groups, self._group_slices, strict=True):
+            if sl.start == sl.stop:
+                continue
+            beta1 = group["beta1"]
+            momentum, hess, mean, delta = self._momentum[sl], self._hess[sl], self._flat[sl], self._delta[sl]
+            work = (self._work1[sl], self._work2[sl])
+            momentum_update(momentum, ghat[sl], beta1, out=momentum)
+            hessian_update(hess, hhat[sl], delta, group["beta2"], out=hess, work=work)
+            lr = group["lr"] * (group["hess_init"] + group["weight_decay"]) if self.rescale_lr else group["lr"]
+            debias = 1.0 - beta1**self._step_count if self.debias else 1.0
+            clip_radius = group["clip_radius"]
+            mean_update(mean, momentum, hess, delta, self._prior_mean[sl], lr, debias, clip_radius, out=mean, work=work)
+        for i, values in kept:
+            for buffer, value in zip((self._flat, self._hess, self._momentum), values, strict=True):
+                buffer[self._slice(i)] = value
+        self._count = 0
+        self._std = None
+
+    def _slice(self, i: int) -> slice:
+        return slice(self._offsets[i], self._offsets[i] + self._numels[i])
+
+    def _snapshot(self, i: int) -> tuple[Tensor, Tensor, Tensor]:
+        sl = self._slice(i)
+        return self._flat[sl].clone(), self._hess[sl].clone(), self._momentum[sl].clone()
+
+    # ------------------------------------------------------------------ posterior
+
+    @property
+    def params(self) -> tuple[Tensor, ...]:
+        """The parameters in flat order (constructor order, requires_grad ones only)."""
+        return self._params
+
+    @property
+    def ess(self) -> float:
+        return self._ess
+
+    @ess.setter
+    def ess(self, value: float) -> None:
+        """Set lambda; the *total* prior precision stays fixed, so delta = prior_precision / ess changes."""
+        self._commit(ess=value)
+
+    @property
+    def mean(self) -> Tensor:
+        """Posterior mean m (a flat copy; the mean, not the sample, inside sampled_params)."""
+        return (self._saved_mean if self._sampling else self._flat).detach().clone()
+
+    @property
+    def hess(self) -> Tensor:
+        """Per-example Hessian estimate h (flat copy)."""
+        return self._hess.clone()
+
+    @hess.setter
+    def hess(self, value: Tensor | float) -> None:
+        """Set h (flat); h + delta must be > 0 so that the precision is."""
+        self._commit(hess=self._as_flat("hess", value))
+
+    def reset_hess(self) -> None:
+        """h <- hess_init of each parameter group."""
+        self._commit(hess=self._per_group("hess_init"))
+
+    @property
+    def precision(self) -> Tensor:
+        """Posterior precision lambda * (h + delta) = ess * h + prior_precision."""
+        return (self._hess + self._delta).mul_(self._ess)
+
+    @property
+    def variance(self) -> Tensor:
+        return self.precision.reciprocal_()
+
+    @property
+    def posterior(self) -> DiagonalGaussian:
+        return DiagonalGaussian(mean=self.mean, precision=self.precision)
+
+    @property
+    def natural_parameters(self) -> tuple[Tensor, Tensor]:
+        """(precision * mean, -precision / 2) of the posterior."""
+        return self.posterior.natural_parameters
+
+    @property
+    def prior_mean(self) -> Tensor:
+        return self._prior_mean.clone()
+
+    @property
+    def prior_precision(self) -> Tensor:
+        """Total prior precision (not per example): delta = prior_precision / ess."""
+        return self._prior_precision.clone()
+
+    @property
+    def prior(self) -> DiagonalGaussian:
+        return DiagonalGaussian(mean=self.prior_mean, precision=self.prior_precision)
+
+    def set_prior(self, mean: Tensor | float | None = None, precision: Tensor | float | None = None) -> None:
+        """Set the prior N(mean, 1 / precision): flat tensors (or scalars), *total* precision >= 0."""
+        self._commit(
+            prior_mean=None if mean is None else self._as_flat("prior mean", mean),
+            prior_precision=None
+            if precision is None
+            else self._as_flat("prior precision", precision, nonnegative=True),
+        )
+
+    def _as_flat(self, name: str, value: Tensor | float, nonnegative: bool = False) -> Tensor:
+        value = torch.as_tensor(value).detach()
+        if value.dim() == 0:
+            value = value.expand(self._flat.shape)
+        if value.shape != self._flat.shape:
+            raise ValueError(f"IVON: {name} must have shape {tuple(self._flat.shape)}, got {tuple(value.shape)}")
+        value = value.to(self._flat)
+        if not torch.isfinite(value).all():
+            raise ValueError(f"IVON: {name} must be finite")
+        if nonnegative and not (value >= 0).all():
+            raise ValueError(f"IVON: {name} must be >= 0")
+        return value
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict:
+        """torch's optimizer state dict plus the posterior buffers under "ivon" (the mean is the model's)."""
+        state = super().state_dict()
+        state["ivon"] = {
+            "hess": self._hess.clone(),
+            "momentum": self._momentum.clone(),
+            "prior_mean": self._prior_mean.clone(),
+            "prior_precision": self._prior_precision.clone(),
+            "ess": self._ess,
+            "step": self._step_count,
+            "mc_samples": self.mc_samples,
+            "rescale_lr": self.rescale_lr,
+            "debias": self.debias,
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        if "ivon" not in state_dict:
+            raise ValueError("IVON: not an IVON state dict (no 'ivon' entry)")
+        ivon = state_dict.pop("ivon")
+        hess, momentum = self._as_flat("hess", ivon["hess"]), self._as_flat("momentum", ivon["momentum"])
+        prior_mean = self._as_flat("prior mean", ivon["prior_mean"])
+        prior_precision = self._as_flat("prior precision", ivon["prior_precision"], nonnegative=True)
+        super().load_state_dict(state_dict)
+        self._count = 0
+        self._commit(hess=hess, prior_mean=prior_mean, prior_precision=prior_precision, ess=ivon["ess"])
+        self._momentum.copy_(momentum)
+        self._step_count = int(ivon["step"])
+        self.mc_samples = int(ivon["mc_samples"])
+        self.rescale_lr, self.debias = bool(ivon["rescale_lr"]), bool(ivon["debias"])

@@ -1,0 +1,439 @@
+"""cl_bayes.ivon: the update equations, the reference oracle, sampling, posterior bookkeeping, checkpoints.
+
+The oracle is ``ivon-opt`` 0.1.3 (GPL-3.0, dev dependency): imported here only, never by cl_bayes.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cl_bayes.ivon import IVON, hessian_estimate, hessian_update, mean_update, momentum_update, posterior_std
+from cl_bayes.posterior import DiagonalGaussian
+
+ivon_ref = pytest.importorskip("ivon")
+
+X = torch.randn(32, 5, generator=torch.Generator().manual_seed(1))
+Y = torch.randint(0, 3, (32,), generator=torch.Generator().manual_seed(2))
+
+
+def make_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+
+
+def loss_fn(model: torch.nn.Module) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(model(X), Y)
+
+
+def flat(tensors) -> torch.Tensor:
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+def train_step(opt, model, mc_samples: int, seed: int) -> None:
+    """The by-hand loop of the ivon-opt README, with a fixed seed for the noise."""
+    torch.manual_seed(seed)
+    for _ in range(mc_samples):
+        with opt.sampled_params(train=True):
+            opt.zero_grad()
+            loss_fn(model).backward()
+    opt.step()
+
+
+def two_groups(model: torch.nn.Module) -> list[dict]:
+    return [
+        {"params": model[0].parameters()},
+        {"params": model[2].parameters(), "lr": 0.05, "weight_decay": 3e-2, "hess_init": 0.3},
+    ]
+
+
+# ----------------------------------------------------------------------------- equations
+
+
+def test_equations_match_the_paper_formulas_and_out_paths_match_pure():
+    g = torch.Generator().manual_seed(0)
+    n = 50
+    h = torch.rand(n, generator=g, dtype=torch.float64) + 0.1
+    hhat = torch.randn(n, generator=g, dtype=torch.float64) * 3
+    delta = torch.rand(n, generator=g, dtype=torch.float64)
+    m, m0, mom = (torch.randn(n, generator=g, dtype=torch.float64) for _ in range(3))
+    ghat, z = torch.randn(n, generator=g, dtype=torch.float64), torch.randn(n, generator=g, dtype=torch.float64)
+    ess, beta1, beta2, lr, debias = 40.0, 0.8, 0.9, 0.3, 0.2
+    inputs = (h.clone(), m.clone(), mom.clone())
+
+    sigma = 1 / torch.sqrt(ess * (h + delta))
+    torch.testing.assert_close(posterior_std(h, delta, ess), sigma)
+    eps = sigma * z
+    torch.testing.assert_close(hessian_estimate(ghat * z, sigma), ghat * eps / sigma**2)
+    torch.testing.assert_close(momentum_update(mom, ghat, beta1), beta1 * mom + (1 - beta1) * ghat)
+    h_new = beta2 * h + (1 - beta2) * hhat + 0.5 * (1 - beta2) ** 2 * (h - hhat) ** 2 / (h + delta)
+    torch.testing.assert_close(hessian_update(h, hhat, delta, beta2), h_new)
+    for clip in (math.inf, 0.5):
+        step = ((mom / debias + delta * (m - m0)) / (h + delta)).clamp(-clip, clip)
+        expected = m - lr * step
+        torch.testing.assert_close(mean_update(m, mom, h, delta, m0, lr, debias, clip), expected)
+        # the optimizer's in-place path: out aliases the state, scratch given
+        m_inplace, work = m.clone(), (torch.empty_like(m), torch.empty_like(m))
+        mean_update(m_inplace, mom, h, delta, m0, lr, debias, clip, out=m_inplace, work=work)
+        torch.testing.assert_close(m_inplace, expected)
+        if clip < math.inf:
+            assert (step.abs() == clip).any()  # the clip was active
+    h_inplace = h.clone()
+    hessian_update(h_inplace, hhat, delta, beta2, out=h_inplace, work=(torch.empty_like(h), torch.empty_like(h)))
+    torch.testing.assert_close(h_inplace, h_new)
+    assert torch.equal(h, inputs[0]) and torch.equal(m, inputs[1]) and torch.equal(mom, inputs[2])  # pure calls
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    delta=st.floats(0.0, 1e3),
+    h_offset=st.floats(1e-3, 1e3),
+    hhat=st.floats(-1e6, 1e6),
+    beta2=st.floats(0.0, 1.0),
+)
+def test_hessian_update_keeps_precision_positive(delta, h_offset, hhat, beta2):
+    """Riemannian correction: h' + delta >= (h + delta) / 2 for any hhat, even when h < 0 < h + delta."""
+    h = torch.tensor([h_offset - delta], dtype=torch.float64)
+    d = torch.tensor([delta], dtype=torch.float64)
+    new = hessian_update(h, torch.tensor([hhat], dtype=torch.float64), d, beta2)
+    scale = 1e-9 * (abs(hhat) + abs(h.item()) + delta + 1)
+    assert (new + d).item() >= 0.5 * (h + d).item() - scale
+
+
+# ----------------------------------------------------------------------------- oracle
+
+
+@pytest.mark.parametrize("mc_samples", [1, 2])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"rescale_lr": False, "debias": False}, {"clip_radius": 1e-3}],
+    ids=["defaults", "no-rescale-no-debias", "clipped"],
+)
+def test_matches_ivon_opt_step_for_step(mc_samples, options):
+    """Zero-mean isotropic prior (weight_decay), two parameter groups: same weights and hess as ivon-opt."""
+    ours_model, ref_model = make_model(), make_model()
+    kwargs = dict(lr=0.1, ess=50.0, mc_samples=mc_samples, weight_decay=1e-2, hess_init=0.5, beta2=0.99, **options)
+    ours = IVON(two_groups(ours_model), **kwargs)
+    ref = ivon_ref.IVON(two_groups(ref_model), **kwargs)
+    for t in range(6):
+        train_step(ours, ours_model, mc_samples, seed=100 + t)
+        train_step(ref, ref_model, mc_samples, seed=100 + t)
+        torch.testing.assert_close(flat(ours_model.parameters()), flat(ref_model.parameters()), rtol=1e-5, atol=1e-6)
+        ref_hess = torch.cat([g["hess"] for g in ref.param_groups])
+        ref_momentum = torch.cat([g["momentum"] for g in ref.param_groups])
+        torch.testing.assert_close(ours.hess, ref_hess, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours._momentum, ref_momentum, rtol=1e-5, atol=1e-7)
+    assert not torch.equal(flat(ours_model.parameters()), flat(make_model().parameters()))  # it did move
+    assert not torch.allclose(ours.hess[:10], torch.tensor(0.5))  # the hess did move too
+
+
+def test_closure_step_equals_the_by_hand_loop():
+    """step(closure): closure called mc_samples times, each inside sampled_params(train=True)."""
+    a_model, b_model = make_model(), make_model()
+    a = IVON(a_model.parameters(), lr=0.1, ess=50.0, mc_samples=2)
+    b = IVON(b_model.parameters(), lr=0.1, ess=50.0, mc_samples=2)
+    calls = []
+
+    def closure():
+        calls.append(b._sampling)
+        b.zero_grad()
+        loss = loss_fn(b_model)
+        loss.backward()
+        return loss
+
+    for t in range(3):
+        train_step(a, a_model, 2, seed=t)
+        torch.manual_seed(t)
+        loss = b.step(closure)
+        assert loss.shape == ()
+    assert calls == [True] * 6
+    assert torch.equal(flat(a_model.parameters()), flat(b_model.parameters()))
+    assert torch.equal(a.hess, b.hess)
+
+
+def test_zero_precision_prior_is_plain_ivon():
+    """set_prior(precision=0) (any prior mean) follows ivon-opt with weight_decay=0."""
+    ours_model, ref_model = make_model(), make_model()
+    ours = IVON(ours_model.parameters(), lr=0.1, ess=50.0, weight_decay=0.3, rescale_lr=False)
+    ours.set_prior(mean=torch.randn(ours.mean.numel()), precision=0.0)
+    ref = ivon_ref.IVON(ref_model.parameters(), lr=0.1, ess=50.0, weight_decay=0.0, rescale_lr=False)
+    for t in range(4):
+        train_step(ours, ours_model, 1, seed=t)
+        train_step(ref, ref_model, 1, seed=t)
+    torch.testing.assert_close(flat(ours_model.parameters()), flat(ref_model.parameters()), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.hess, ref.param_groups[0]["hess"], rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def test_sampled_params_restores_the_mean_when_the_body_raises_and_records_nothing():
+    model = make_model()
+    opt = IVON(model.parameters(), lr=0.1, ess=50.0)
+    mean = opt.mean
+    with pytest.raises(KeyError):
+        with opt.sampled_params(train=True):
+            assert not torch.equal(flat(model.parameters()), mean)  # a sample is in the weights
+            torch.testing.assert_close(opt.mean, mean)  # ... but `mean` is still the mean
+            loss_fn(model).backward()
+            raise KeyError("boom")
+    assert torch.equal(flat(model.parameters()), mean)
+    assert opt._count == 0
+    with pytest.raises(RuntimeError, match="no gradient sample"):
+        opt.step()
+    assert torch.equal(flat(model.parameters()), mean)
+    train_step(opt, model, 1, seed=0)  # still usable
+    assert not torch.equal(flat(model.parameters()), mean)
+
+
+def test_sample_has_the_posterior_scale_and_uses_current_ess_and_prior():
+    model = make_model()
+    opt = IVON(model.parameters(), lr=0.1, ess=50.0)
+    n = opt.mean.numel()
+    opt.set_prior(mean=torch.randn(n), precision=torch.rand(n) * 10)
+    opt.hess = torch.rand(n) + 0.1
+    opt.ess = 7.0
+    mean = opt.mean
+    torch.manual_seed(3)
+    z = torch.randn(n)
+    torch.manual_seed(3)
+    with opt.sampled_params():
+        sample = flat(model.parameters())
+    torch.testing.assert_close(sample, mean + z * opt.precision.rsqrt())
+    torch.testing.assert_close(opt.precision, 7.0 * opt.hess + opt.prior_precision)
+
+
+def test_sampled_params_is_not_reentrant_and_step_inside_is_refused():
+    model = make_model()
+    opt = IVON(model.parameters(), lr=0.1, ess=50.0)
+    with opt.sampled_params(train=True):
+        loss_fn(model).backward()
+        with pytest.raises(RuntimeError, match="re-entrant"):
+            with opt.sampled_params():
+                pass
+        with pytest.raises(RuntimeError, match="after leaving"):
+            opt.step()
+
+
+def test_parameters_without_grad_are_skipped_and_frozen_ones_excluded():
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Linear(4, 3), torch.nn.Linear(3, 3))
+    model[2].bias.requires_grad_(False)
+    frozen = model[2].bias.detach().clone()
+    opt = IVON(model.parameters(), lr=0.1, ess=50.0)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert opt.params == tuple(trainable)
+    assert opt.mean.numel() == sum(p.numel() for p in trainable)
+    torch.testing.assert_close(opt.mean, flat(trainable))  # flat order = model.parameters() order
+    unused = slice(opt.mean.numel() - model[2].weight.numel(), opt.mean.numel())  # model[2].weight: no grad
+    before_mean, before_hess = opt.mean, opt.hess
+    for t in range(3):
+        torch.manual_seed(t)
+        with opt.sampled_params(train=True):
+            assert torch.equal(model[2].bias, frozen)  # frozen parameters are not sampled either
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model[1](model[0](X)), Y).backward()
+        opt.step()
+    assert torch.equal(opt.mean[unused], before_mean[unused])
+    assert torch.equal(opt.hess[unused], before_hess[unused])
+    assert torch.equal(opt._momentum[unused], torch.zeros(model[2].weight.numel()))
+    assert not torch.equal(opt.mean[: unused.start], before_mean[: unused.start])
+    assert not torch.equal(opt.hess[: unused.start], before_hess[: unused.start])
+    assert torch.equal(model[2].bias, frozen)
+
+
+def test_replaced_storage_is_adopted_and_size_changes_raise():
+    replaced, in_place = make_model(), make_model()
+    opts = [IVON(m.parameters(), lr=0.1, ess=50.0) for m in (replaced, in_place)]
+    new_weight = torch.randn(7, 5)
+    replaced[0].weight.data = new_weight.clone()  # e.g. load_state_dict(assign=True)
+    with torch.no_grad():
+        in_place[0].weight.copy_(new_weight)
+    for opt, model in zip(opts, (replaced, in_place), strict=True):
+        train_step(opt, model, 1, seed=0)
+    assert torch.equal(opts[0].mean, opts[1].mean)  # the new value was adopted as the mean
+    assert replaced[0].weight.data_ptr() == opts[0]._flat.data_ptr()  # relinked into the flat mean
+    replaced[2].weight.data = torch.randn(8, 7)  # a growing head
+    with pytest.raises(ValueError, match="changed size"):
+        with opts[0].sampled_params():
+            pass
+
+
+def test_new_trainable_parameter_in_the_group_raises():
+    model = make_model()
+    opt = IVON(model.parameters(), lr=0.1, ess=50.0)
+    opt.param_groups[0]["params"].append(torch.nn.Parameter(torch.zeros(3)))
+    with pytest.raises(ValueError, match="new trainable"):
+        with opt.sampled_params():
+            pass
+    with pytest.raises(RuntimeError, match="fixed at construction"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
+
+
+# ----------------------------------------------------------------------------- posterior
+
+
+def test_posterior_properties_are_consistent():
+    model = make_model()
+    opt = IVON(model.parameters(), lr=0.1, ess=50.0, weight_decay=1e-2)
+    for t in range(3):
+        train_step(opt, model, 1, seed=t)
+    n = opt.mean.numel()
+    torch.testing.assert_close(opt.prior_precision, torch.full((n,), 50.0 * 1e-2))
+    torch.testing.assert_close(opt.precision, 50.0 * (opt.hess + 1e-2))
+    torch.testing.assert_close(opt.variance, 1 / opt.precision)
+    post = opt.posterior
+    assert isinstance(post, DiagonalGaussian)
+    torch.testing.assert_close(post.mean, flat(model.parameters()))
+    eta1, eta2 = opt.natural_parameters
+    torch.testing.assert_close(eta1, opt.precision * opt.mean)
+    torch.testing.assert_close(eta2, -opt.precision / 2)
+
+
+@settings(max_examples=25, deadline=None)
+@given(ess1=st.floats(1.0, 1e5), ess2=st.floats(1.0, 1e5), scale=st.floats(0.0, 1e3))
+def test_changing_ess_keeps_the_prior_precision(ess1, ess2, scale):
+    model = make_model()
+    opt = IVON(model.parameters(), lr=0.1, ess=ess1)
+    n = opt.mean.numel()
+    precision = torch.linspace(0.0, 1.0, n) * scale
+    opt.set_prior(precision=precision)
+    hess = opt.hess
+    opt.ess = ess2
+    assert opt.ess == ess2
+    assert torch.equal(opt.prior_precision, precision)
+    torch.testing.assert_close(opt.precision, ess2 * hess + precision, rtol=1e-5, atol=1e-4)
+
+
+def test_setters_validate():
+    model = make_model()
+    opt = IVON(model.parameters(), lr=0.1, ess=50.0)
+    n = opt.mean.numel()
+    with pytest.raises(ValueError, match="shape"):
+        opt.set_prior(mean=torch.zeros(n + 1))
+    with pytest.raises(ValueError, match=">= 0"):
+        opt.set_prior(precision=-1.0)
+    with pytest.raises(ValueError, match="finite"):
+        opt.hess = torch.full((n,), math.nan)
+    with pytest.raises(ValueError, match="precision per example"):
+        opt.hess = -1.0  # h + delta <= 0
+    with pytest.raises(ValueError, match="ess"):
+        opt.ess = 0.0
+    opt.hess = 2.0
+    opt.reset_hess()
+    assert torch.equal(opt.hess, torch.ones(n))
+    with opt.sampled_params(train=True):
+        loss_fn(model).backward()
+    with pytest.raises(RuntimeError, match="pending"):
+        opt.ess = 10.0
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"lr": -0.1},
+        {"lr": math.nan},
+        {"ess": 0.0},
+        {"ess": -5.0},
+        {"ess": math.inf},
+        {"hess_init": 0.0},
+        {"beta1": 1.0},
+        {"beta1": -0.1},
+        {"beta2": 1.5},
+        {"weight_decay": -1e-4},
+        {"mc_samples": 0},
+        {"mc_samples": 1.5},
+        {"clip_radius": 0.0},
+    ],
+)
+def test_bad_hyperparameters_raise_value_error(bad):
+    name = next(iter(bad))
+    kwargs = {"lr": 0.1, "ess": 10.0, **bad}
+    with pytest.raises(ValueError, match=name):
+        IVON(make_model().parameters(), **kwargs)
+
+
+def test_bad_group_settings_and_positional_arguments():
+    model = make_model()
+    with pytest.raises(ValueError, match="lr"):
+        IVON([{"params": model[0].parameters(), "lr": -1.0}], lr=0.1, ess=10.0)
+    with pytest.raises(ValueError, match="ess is global"):
+        IVON([{"params": model[0].parameters(), "ess": 3.0}], lr=0.1, ess=10.0)
+    with pytest.raises(TypeError):
+        IVON(model.parameters(), 0.1, 10.0)  # keyword-only hyper-parameters
+
+
+# ----------------------------------------------------------------------------- checkpoints and Avalanche
+
+
+def test_state_dict_round_trip_continues_exactly():
+    model = make_model()
+    opt = IVON(two_groups(model), lr=0.1, ess=50.0, mc_samples=2)
+    opt.set_prior(mean=torch.randn(opt.mean.numel()), precision=torch.rand(opt.mean.numel()))
+    for t in range(3):
+        train_step(opt, model, 2, seed=t)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer)
+
+    copy_model = make_model(seed=1)
+    copy_model.load_state_dict(saved["model"])
+    copy_opt = IVON(two_groups(copy_model), lr=0.5, ess=3.0, weight_decay=0.2)
+    copy_opt.load_state_dict(saved["opt"])
+    assert copy_opt.ess == 50.0 and copy_opt.mc_samples == 2
+    for t in range(3, 6):
+        train_step(opt, model, 2, seed=t)
+        train_step(copy_opt, copy_model, 2, seed=t)
+    assert torch.equal(flat(copy_model.parameters()), flat(model.parameters()))
+    for name in ("hess", "prior_mean", "prior_precision", "precision"):
+        assert torch.equal(getattr(copy_opt, name), getattr(opt, name)), name
+    assert torch.equal(copy_opt._momentum, opt._momentum)
+    with pytest.raises(ValueError, match="not an IVON state dict"):
+        copy_opt.load_state_dict(torch.optim.SGD(copy_model.parameters(), lr=0.1).state_dict())
+
+
+def test_avalanche_optimizer_reset_leaves_posterior_momentum_and_steps_intact():
+    """make_optimizer -> reset_optimizer / update_optimizer(reset_state=True) replace opt.state; IVON's
+    posterior (mean, hess, prior), momentum and step count live outside it, so training continues exactly
+    as without the reset (also when the reset adds the model's frozen parameters to the group)."""
+    dynamic = pytest.importorskip("avalanche.models.dynamic_optimizers")
+    models = [make_model(), make_model()]
+    for m in models:
+        m[0].bias.requires_grad_(False)
+    opts = [IVON(m.parameters(), lr=0.1, ess=50.0) for m in models]
+    for opt in opts:
+        opt.set_prior(mean=0.1, precision=2.0)
+    for t in range(3):
+        for opt, m in zip(opts, models, strict=True):
+            train_step(opt, m, 1, seed=t)
+    before = {name: getattr(opts[0], name) for name in ("mean", "hess", "prior_mean", "prior_precision")}
+    momentum, steps = opts[0]._momentum.clone(), opts[0]._step_count
+
+    opts[0].state["junk"] = 1
+    dynamic.reset_optimizer(opts[0], models[0])
+    assert "junk" not in opts[0].state  # avalanche did reset the torch state...
+    assert len(opts[0].param_groups[0]["params"]) == 4  # ...and put the frozen bias in the group
+    for name, value in before.items():
+        assert torch.equal(getattr(opts[0], name), value), name  # ...but not IVON's posterior
+    assert torch.equal(opts[0]._momentum, momentum) and opts[0]._step_count == steps
+    dynamic.update_optimizer(opts[0], dict(models[0].named_parameters()), reset_state=True)
+
+    for t in range(3, 6):
+        for opt, m in zip(opts, models, strict=True):
+            train_step(opt, m, 1, seed=t)
+    assert torch.equal(flat(models[0].parameters()), flat(models[1].parameters()))
+    assert torch.equal(opts[0].hess, opts[1].hess)
+
+
+def test_deepcopy_of_a_model_does_not_share_the_flat_mean():
+    model = make_model()
+    opt = IVON(model.parameters(), lr=0.1, ess=50.0)
+    clone = copy.deepcopy(model)
+    train_step(opt, model, 1, seed=0)
+    assert not torch.equal(flat(clone.parameters()), flat(model.parameters()))
