@@ -1,0 +1,285 @@
+"""FROMP: functional regularisation of memorable past.
+
+Pan, Swaroop, Immer, Eschenhagen, Turner & Khan (NeurIPS 2020), "Continual
+Deep Learning by Functional Regularisation of Memorable Past". Implemented
+from the paper.
+
+After experience s, with Gaussian posterior ``q_s = N(mu_s, Sigma_s)`` (our
+IVON posterior, a ``DiagonalGaussian``: Sigma_s = diag(variance), no separate
+Fisher pass) and a memory of M memorable inputs ``X_s`` (``memory.py``), the
+linearised network defines a Gaussian process over the softmax outputs
+``p(w, x)`` with
+
+    mean      m_s = p(mu_s, X_s)                                     (M, C)
+    kernel    K_s = J_s Sigma_s J_s^T + eps I,   J_s = d p(w, X_s) / d w |_{mu_s}
+
+(Jacobians of the *softmax outputs*: the regularised quantity). While training
+experience t > s the loss gains the functional prior term
+
+    R(w) = tau / 2 * sum_{s < t} (m_s(w) - m_s)^T K_s^{-1} (m_s(w) - m_s),
+    m_s(w) = p(w, X_s),
+
+whose gradient is ``tau sum_s J_s(w)^T K_s^{-1} (m_s(w) - m_s)``. K_s^{-1} is
+fixed (computed once per experience), so the gradient is obtained by
+differentiating R directly: one forward pass over all memories and one
+backward pass per step, cost O(M_total F) like a replay batch, instead of one
+backward pass per output (M C of them, ``reference_gradient_jacobian_loop``).
+
+Kernel forms:
+
+* ``block`` (FROMP): block-diagonal over classes, for each class c an M x M
+  kernel ``K_c[i, j] = J_c(x_i) Sigma J_c(x_j)^T + eps delta_ij``; C inverses
+  of M x M. Building it costs O(M^2 C P) flops + the Jacobians, once.
+* ``full``: points independent, for each point a C x C kernel
+  ``J(x_i) Sigma J(x_i)^T + eps I``; M inverses of C x C, O(M C^2 P) once.
+  (Softmax outputs sum to one, so this C x C kernel has rank <= C - 1: eps
+  matters; the residual is orthogonal to the null direction.)
+* ``identity``: K = I, the FROMP-L2 ablation: ``tau/2 ||m_s(w) - m_s||^2``.
+
+Measured (one CPU thread, float32, 784-256-256-10 MLP with P = 270k, 4 past
+tasks of 40 memorable points each, 2 allowed classes per task): ``add_task``
+~0.4 s (block), ~0.2 s (full); one regularised step (forward + backward over
+the 160 memory points) ~3 ms for every form, against ~150 ms for the
+per-output Jacobian loop (320 backward passes). Class-incremental, 10 classes,
+M = 40: ``add_task`` (block) ~1 s.
+
+Task-incremental masks: the softmax is over the memory's allowed classes;
+masked classes have zero residual, zero Jacobian, and their kernel rows and
+columns are replaced by those of the identity, so they contribute nothing.
+
+The memories are evaluated in the model's current mode as one batch (beware
+of BatchNorm in training mode: it would use the memory's batch statistics).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from cl_bayes.jacobians import (
+    check_class_mask,
+    class_kernels,
+    jsj_blocks,
+    masked_softmax,
+    model_outputs,
+    trainable_parameters,
+)
+from cl_bayes.posterior import DiagonalGaussian
+
+KernelForm = Literal["block", "full", "identity"]
+KERNEL_FORMS = ("block", "full", "identity")
+
+
+@dataclass(frozen=True)
+class MemorableTask:
+    """One past experience's functional prior (all tensors detached)."""
+
+    inputs: Tensor  # X_s, (M, ...)
+    class_mask: Tensor  # (M, C) bool, True = allowed
+    probs: Tensor  # m_s = softmax outputs at the posterior mean, (M, C)
+    kernel: Tensor | None  # block: (C, M, M); full: (M, C, C); identity: None
+    kernel_inverse: Tensor | None  # same shape as kernel
+
+
+def _check_form(form: str) -> None:
+    if form not in KERNEL_FORMS:
+        raise ValueError(f"kernel form must be one of {KERNEL_FORMS}, got {form!r}")
+
+
+def _identity_on_masked(kernel: Tensor, allowed: Tensor, eps: float) -> Tensor:
+    """kernel (B, n, n) with allowed (B, n): add eps I, masked rows/cols -> identity."""
+    keep = allowed.unsqueeze(-1) & allowed.unsqueeze(-2)
+    eye = torch.eye(kernel.shape[-1], dtype=kernel.dtype, device=kernel.device)
+    masked_diag = torch.diag_embed((~allowed).to(kernel.dtype))
+    return kernel * keep + eps * eye + masked_diag
+
+
+def fromp_kernel(
+    model: nn.Module,
+    posterior: DiagonalGaussian,
+    *,
+    x: Tensor,
+    form: KernelForm = "block",
+    class_mask: Tensor | None = None,
+    eps: float = 1e-5,
+    chunk_size: int | None = None,
+) -> Tensor | None:
+    """K = J Sigma J^T + eps I of the softmax outputs at the posterior mean, in ``form``.
+
+    block: (C, M, M); full: (M, C, C); identity: None (K = I).
+    """
+    _check_form(form)
+    if eps < 0:
+        raise ValueError(f"eps must be non-negative, got {eps}")
+    if form == "identity":
+        return None
+    mean, variance = posterior.mean.detach(), posterior.variance.detach()
+    kwargs = dict(variance=variance, params=mean, output="probs", chunk_size=chunk_size)
+    if form == "block":
+        kernel = class_kernels(model, x, class_mask=class_mask, **kwargs)
+        allowed = torch.ones(kernel.shape[:2], dtype=torch.bool, device=kernel.device)
+        if class_mask is not None:
+            allowed = class_mask.T
+        return _identity_on_masked(kernel, allowed, eps)
+    kernel = jsj_blocks(model, x, class_mask=class_mask, **kwargs)
+    allowed = torch.ones(kernel.shape[:2], dtype=torch.bool, device=kernel.device)
+    if class_mask is not None:
+        allowed = class_mask
+    return _identity_on_masked(kernel, allowed, eps)
+
+
+def _inverse(kernel: Tensor) -> Tensor:
+    """Batched SPD inverse via Cholesky, in float64, symmetrised."""
+    chol, info = torch.linalg.cholesky_ex(kernel.double())
+    if bool((info != 0).any()):
+        raise ValueError("FROMP kernel is not positive definite: increase eps")
+    inv = torch.cholesky_inverse(chol)
+    return (0.5 * (inv + inv.transpose(-1, -2))).to(kernel.dtype)
+
+
+def apply_kernel_inverse(residual: Tensor, kernel_inverse: Tensor | None, form: KernelForm) -> Tensor:
+    """K^{-1} r for a residual r of shape (M, C), in the layout of ``form``; (M, C)."""
+    _check_form(form)
+    if form == "identity":
+        return residual
+    if form == "block":
+        return torch.einsum("cij,jc->ic", kernel_inverse, residual)
+    return torch.einsum("icd,id->ic", kernel_inverse, residual)
+
+
+def quadratic_form(residual: Tensor, kernel_inverse: Tensor | None, form: KernelForm) -> Tensor:
+    """r^T K^{-1} r, a scalar, for a residual r of shape (M, C)."""
+    return (residual * apply_kernel_inverse(residual, kernel_inverse, form)).sum()
+
+
+class FunctionalPrior:
+    """FROMP regulariser: ``add_task`` after each experience, ``prior(model)`` while training.
+
+    ``prior(model)`` returns ``tau/2 sum_s r_s^T K_s^{-1} r_s`` (differentiable;
+    zero before any task) from one forward pass over all memories.
+    """
+
+    def __init__(
+        self,
+        *,
+        tau: float,
+        kernel: KernelForm = "block",
+        eps: float = 1e-5,
+        chunk_size: int | None = None,
+    ) -> None:
+        _check_form(kernel)
+        if tau < 0:
+            raise ValueError(f"tau must be non-negative, got {tau}")
+        if eps < 0 or (eps == 0 and kernel != "identity"):
+            raise ValueError(f"eps must be positive, got {eps}")
+        self.tau = float(tau)
+        self.kernel = kernel
+        self.eps = float(eps)
+        self.chunk_size = chunk_size
+        self.tasks: list[MemorableTask] = []
+        self._inputs: Tensor | None = None  # all memories, concatenated
+        self._mask: Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    @torch.no_grad()
+    def add_task(
+        self,
+        model: nn.Module,
+        posterior: DiagonalGaussian,
+        x: Tensor,
+        *,
+        class_mask: Tensor | None = None,
+    ) -> MemorableTask:
+        """Store memory X_s, m_s = p(mu_s, X_s) and K_s^{-1}; Jacobians computed once, here."""
+        num = sum(p.numel() for _, p in trainable_parameters(model))
+        if posterior.mean.ndim != 1 or posterior.mean.numel() != num:
+            raise ValueError(f"posterior has {posterior.mean.numel()} parameters, model has {num} trainable ones")
+        if x.shape[0] == 0:
+            raise ValueError("memory has no examples")
+        x = x.detach()
+        logits = model_outputs(model, x, params=posterior.mean.detach())
+        if class_mask is None:
+            class_mask = torch.ones(logits.shape, dtype=torch.bool, device=logits.device)
+        check_class_mask(class_mask, tuple(logits.shape))
+        if self.tasks and logits.shape[1] != self.tasks[0].probs.shape[1]:
+            raise ValueError("all memories must have the same number of classes")
+        with torch.enable_grad():
+            kernel = fromp_kernel(
+                model,
+                posterior,
+                x=x,
+                form=self.kernel,
+                class_mask=class_mask,
+                eps=self.eps,
+                chunk_size=self.chunk_size,
+            )
+        task = MemorableTask(
+            inputs=x,
+            class_mask=class_mask.clone(),
+            probs=masked_softmax(logits, class_mask),
+            kernel=kernel,
+            kernel_inverse=None if kernel is None else _inverse(kernel),
+        )
+        self.tasks.append(task)
+        self._inputs = torch.cat([t.inputs for t in self.tasks])
+        self._mask = torch.cat([t.class_mask for t in self.tasks])
+        return task
+
+    def residuals(self, model: nn.Module) -> list[Tensor]:
+        """r_s = m_s(w) - m_s per past task, from one forward pass over all memories."""
+        if not self.tasks:
+            return []
+        probs = masked_softmax(model(self._inputs), self._mask)
+        sizes = [t.inputs.shape[0] for t in self.tasks]
+        return [p - t.probs for p, t in zip(probs.split(sizes), self.tasks, strict=True)]
+
+    def __call__(self, model: nn.Module) -> Tensor:
+        if not self.tasks:
+            param = next(iter(model.parameters()))
+            return param.new_zeros(())
+        total = sum(
+            quadratic_form(r, t.kernel_inverse, self.kernel)
+            for r, t in zip(self.residuals(model), self.tasks, strict=True)
+        )
+        return 0.5 * self.tau * total
+
+
+def regulariser_gradient(prior: FunctionalPrior, model: nn.Module) -> Tensor:
+    """Flat gradient of ``prior(model)`` w.r.t. the trainable parameters (one backward)."""
+    params = [p for _, p in trainable_parameters(model)]
+    loss = prior(model)
+    if not loss.requires_grad:
+        return torch.cat([torch.zeros_like(p).reshape(-1) for p in params])
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return torch.cat(
+        [torch.zeros_like(p).reshape(-1) if g is None else g.reshape(-1) for p, g in zip(params, grads, strict=True)]
+    )
+
+
+def reference_gradient_jacobian_loop(prior: FunctionalPrior, model: nn.Module) -> Tensor:
+    """Reference: ``tau sum_s J_s^T K_s^{-1} r_s`` with one backward pass per output.
+
+    Builds the Jacobian row d p_c(w, x_i) / d w of every allowed output of every
+    memory point explicitly (M C backward passes; the cost FROMP avoids by
+    differentiating the quadratic form directly). For tests and timing only.
+    """
+    params = [p for _, p in trainable_parameters(model)]
+    grad = torch.cat([torch.zeros_like(p).reshape(-1) for p in params])
+    for task in prior.tasks:
+        probs = masked_softmax(model(task.inputs), task.class_mask)
+        weights = apply_kernel_inverse((probs - task.probs).detach(), task.kernel_inverse, prior.kernel)
+        for i, c in torch.nonzero(task.class_mask).tolist():
+            rows = torch.autograd.grad(probs[i, c], params, retain_graph=True, allow_unused=True)
+            jac_row = torch.cat(
+                [
+                    torch.zeros_like(p).reshape(-1) if g is None else g.reshape(-1)
+                    for p, g in zip(params, rows, strict=True)
+                ]
+            )
+            grad = grad + weights[i, c] * jac_row
+    return prior.tau * grad

@@ -1,0 +1,232 @@
+"""FROMP's functional regulariser against brute-force references (float64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from cl_bayes.fromp import (
+    FunctionalPrior,
+    fromp_kernel,
+    reference_gradient_jacobian_loop,
+    regulariser_gradient,
+)
+from cl_bayes.jacobians import class_kernels, flat_parameters, masked_softmax, model_outputs
+from cl_bayes.posterior import DiagonalGaussian
+
+D_IN, HIDDEN, C = 3, 6, 4
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    torch.set_num_threads(1)
+    yield
+    torch.set_default_dtype(old)
+
+
+def _mlp(seed: int = 0, classes: int = C) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(D_IN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, classes))
+
+
+def _posterior(model: nn.Module, seed: int = 1) -> DiagonalGaussian:
+    g = torch.Generator().manual_seed(seed)
+    mean = flat_parameters(model)
+    precision = 1.0 + 20.0 * torch.rand(mean.shape, generator=g)
+    return DiagonalGaussian(mean, precision)
+
+
+def _task_masks(n: int, classes: tuple[int, ...]) -> torch.Tensor:
+    mask = torch.zeros(n, C, dtype=torch.bool)
+    mask[:, list(classes)] = True
+    return mask
+
+
+def _perturb(model: nn.Module, scale: float = 0.3, seed: int = 2) -> None:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+
+
+def _brute_jacobian(model, posterior, x, mask):
+    """d masked_softmax / d w at the posterior mean, (M, C, P), by autograd.functional."""
+
+    def f(flat):
+        return model_outputs(model, x, params=flat, output="probs", class_mask=mask)
+
+    return torch.autograd.functional.jacobian(f, posterior.mean)
+
+
+def _two_task_prior(form: str, tau: float = 3.0):
+    model = _mlp()
+    posterior = _posterior(model)
+    g = torch.Generator().manual_seed(3)
+    x1, x2 = torch.randn(5, D_IN, generator=g), torch.randn(4, D_IN, generator=g)
+    prior = FunctionalPrior(tau=tau, kernel=form, eps=1e-3)
+    prior.add_task(model, posterior, x1, class_mask=_task_masks(5, (0, 1)))
+    prior.add_task(model, posterior, x2, class_mask=_task_masks(4, (2, 3)))
+    return model, posterior, prior
+
+
+@pytest.mark.parametrize("form", ["block", "full", "identity"])
+def test_gradient_matches_per_output_jacobian_reference(form):
+    model, _, prior = _two_task_prior(form)
+    _perturb(model)
+    ours = regulariser_gradient(prior, model)
+    reference = reference_gradient_jacobian_loop(prior, model)
+    assert ours.abs().max() > 1e-3  # non-trivial residuals
+    torch.testing.assert_close(ours, reference, atol=1e-6, rtol=0)
+
+
+def test_gradient_matches_reference_without_mask():
+    model = _mlp(seed=4)
+    posterior = _posterior(model, seed=5)
+    prior = FunctionalPrior(tau=0.7, kernel="block", eps=1e-3)
+    prior.add_task(model, posterior, torch.randn(6, D_IN, generator=torch.Generator().manual_seed(6)))
+    _perturb(model, seed=7)
+    torch.testing.assert_close(
+        regulariser_gradient(prior, model),
+        reference_gradient_jacobian_loop(prior, model),
+        atol=1e-6,
+        rtol=0,
+    )
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_block_kernel_matches_brute_force(masked):
+    model = _mlp()
+    posterior = _posterior(model)
+    x = torch.randn(5, D_IN, generator=torch.Generator().manual_seed(8))
+    mask = _task_masks(5, (1, 3)) if masked else None
+    eps = 1e-4
+    kernel = fromp_kernel(model, posterior, x=x, form="block", class_mask=mask, eps=eps, chunk_size=2)
+    jac = _brute_jacobian(model, posterior, x, mask)
+    for c in range(C):
+        expected = jac[:, c] @ torch.diag(posterior.variance) @ jac[:, c].T + eps * torch.eye(5)
+        if masked and c not in (1, 3):
+            expected = (1.0 + eps) * torch.eye(5)  # masked class: identity, contributes nothing
+        torch.testing.assert_close(kernel[c], expected, atol=1e-12, rtol=1e-9)
+
+
+@pytest.mark.parametrize("max_elements", [1, 200, 2**26])
+def test_class_kernels_blockwise_recomputation_matches_brute_force(max_elements):
+    model = _mlp()
+    posterior = _posterior(model)
+    x = torch.randn(7, D_IN, generator=torch.Generator().manual_seed(11))
+    mask = _task_masks(7, (0, 2))
+    mask[5:] = _task_masks(2, (1, 2))  # classes used by some examples only
+    kernel = class_kernels(
+        model,
+        x,
+        variance=posterior.variance,
+        params=posterior.mean,
+        output="probs",
+        class_mask=mask,
+        max_elements=max_elements,
+    )
+    jac = _brute_jacobian(model, posterior, x, mask)
+    expected = torch.einsum("icp,p,jcp->cij", jac, posterior.variance, jac)
+    torch.testing.assert_close(kernel, expected, atol=1e-12, rtol=1e-9)
+
+
+def test_full_kernel_matches_brute_force():
+    model = _mlp()
+    posterior = _posterior(model)
+    x = torch.randn(5, D_IN, generator=torch.Generator().manual_seed(9))
+    eps = 1e-4
+    kernel = fromp_kernel(model, posterior, x=x, form="full", eps=eps)
+    jac = _brute_jacobian(model, posterior, x, None)
+    for i in range(5):
+        expected = jac[i] @ torch.diag(posterior.variance) @ jac[i].T + eps * torch.eye(C)
+        torch.testing.assert_close(kernel[i], expected, atol=1e-12, rtol=1e-9)
+
+
+def test_identity_form_is_plain_l2_on_softmax_outputs():
+    model, posterior, prior = _two_task_prior("identity", tau=2.5)
+    targets = [masked_softmax(model(t.inputs), t.class_mask).detach() for t in prior.tasks]
+    _perturb(model)
+    expected = sum(
+        (masked_softmax(model(t.inputs), t.class_mask) - m).square().sum()
+        for t, m in zip(prior.tasks, targets, strict=True)
+    )
+    torch.testing.assert_close(prior(model), 0.5 * 2.5 * expected)
+
+
+@pytest.mark.parametrize("form", ["block", "full", "identity"])
+def test_zero_loss_and_gradient_at_stored_weights(form):
+    model, _, prior = _two_task_prior(form)
+    assert prior(model).item() == pytest.approx(0.0, abs=1e-20)
+    assert regulariser_gradient(prior, model).abs().max().item() < 1e-12
+    _perturb(model)
+    assert prior(model).item() > 0
+
+
+def test_no_task_gives_zero_loss():
+    model = _mlp()
+    assert FunctionalPrior(tau=1.0)(model).item() == 0.0
+
+
+@pytest.mark.parametrize("form", ["block", "full"])
+def test_masked_classes_are_absent(form):
+    """A task-incremental memory on classes {0, 1} of a 4-class head equals an
+    unmasked memory on a 2-class head holding the same weights."""
+    model4 = _mlp()
+    posterior4 = _posterior(model4)
+    model2 = _mlp(classes=2)
+    # flat layout: W1 (6x3), b1 (6), W2 (Cx6), b2 (C); keep the rows of classes 0 and 1
+    keep = torch.cat(
+        [
+            torch.ones(HIDDEN * D_IN + HIDDEN, dtype=torch.bool),
+            torch.tensor([True, True, False, False]).repeat_interleave(HIDDEN),
+            torch.tensor([True, True, False, False]),
+        ]
+    )
+    posterior2 = DiagonalGaussian(posterior4.mean[keep], posterior4.precision[keep])
+    torch.nn.utils.vector_to_parameters(posterior2.mean, model2.parameters())
+    x = torch.randn(6, D_IN, generator=torch.Generator().manual_seed(10))
+    prior4 = FunctionalPrior(tau=1.3, kernel=form, eps=1e-3)
+    prior4.add_task(model4, posterior4, x, class_mask=_task_masks(6, (0, 1)))
+    prior2 = FunctionalPrior(tau=1.3, kernel=form, eps=1e-3)
+    prior2.add_task(model2, posterior2, x)
+    _perturb(model4)
+    with torch.no_grad():  # the perturbed 4-class weights, restricted to classes 0 and 1
+        torch.nn.utils.vector_to_parameters(flat_parameters(model4)[keep], model2.parameters())
+        before = prior4(model4)
+        model4[2].weight[2:].add_(5.0)  # masked classes' logits change a lot ...
+        model4[2].bias[2:].sub_(7.0)
+    loss4 = prior4(model4)
+    assert torch.isfinite(loss4) and loss4.item() > 0
+    torch.testing.assert_close(loss4, before)  # ... and the loss does not see it
+    torch.testing.assert_close(loss4, prior2(model2))
+    assert torch.isfinite(regulariser_gradient(prior4, model4)).all()
+
+
+def test_one_forward_over_all_memories():
+    model, _, prior = _two_task_prior("block")
+    calls = []
+    handle = model.register_forward_hook(lambda *_: calls.append(1))
+    prior(model).backward()
+    handle.remove()
+    assert len(calls) == 1
+
+
+def test_invalid_arguments():
+    with pytest.raises(ValueError, match="kernel form"):
+        FunctionalPrior(tau=1.0, kernel="diag")
+    with pytest.raises(ValueError, match="tau"):
+        FunctionalPrior(tau=-1.0)
+    model = _mlp()
+    bad = DiagonalGaussian(torch.zeros(3), torch.ones(3))
+    with pytest.raises(ValueError, match="parameters"):
+        FunctionalPrior(tau=1.0).add_task(model, bad, torch.randn(2, D_IN))
+    with pytest.raises(ValueError, match="class_mask"):
+        FunctionalPrior(tau=1.0).add_task(
+            model,
+            _posterior(model),
+            torch.randn(2, D_IN),
+            class_mask=torch.zeros(2, C, dtype=torch.bool),
+        )
