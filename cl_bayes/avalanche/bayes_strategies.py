@@ -1,0 +1,1 @@
+"""The Bayesian strategies (IVON and friends), registered in ``cl_bayes.avalanche.strategies``."""

@@ -1,0 +1,223 @@
+"""One run: a strategy trained on a benchmark's stream, scored after every experience.
+
+``run(config)`` returns the results dictionary that ``cl_bayes.results`` writes
+(see ``results/schema/result.schema.json``). Scoring does not go through
+Avalanche's evaluation loop: after each training experience the model predicts
+every experience's evaluation tensors in large batches (through the strategy's
+``predict_proba`` when it has one, e.g. IVON's Bayesian model average), and the
+metrics are the pure functions of ``cl_bayes.metrics``.
+"""
+
+from __future__ import annotations
+
+import platform
+import random
+import subprocess
+import threading
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+from avalanche.models.utils import avalanche_forward
+from avalanche.training.plugins import SupervisedPlugin
+
+from cl_bayes import metrics
+from cl_bayes.avalanche import strategies
+from cl_bayes.avalanche.benchmarks import BenchmarkBundle, build_benchmark
+from cl_bayes.avalanche.models import TaskMaskedModel
+from cl_bayes.config import RunConfig
+from cl_bayes.models import build_model
+from cl_bayes.results import SCHEMA_VERSION
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss."""
+
+
+class NonFiniteLossGuard(SupervisedPlugin):
+    """Stops training at the first non-finite loss (hook: ``before_backward``)."""
+
+    def before_backward(self, strategy, **kwargs):
+        if not torch.isfinite(strategy.loss).all():
+            raise NonFiniteLossError(
+                f"non-finite loss ({strategy.loss.item()}) at experience "
+                f"{strategy.clock.train_exp_counter}, epoch {strategy.clock.train_exp_epochs}, "
+                f"iteration {strategy.clock.train_epoch_iterations}; try a smaller lr"
+            )
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class PeakMemory:
+    """Peak resident memory of this process while the block runs (sampled every 20 ms), in MB.
+
+    On CUDA devices the peak allocated device memory is reported instead.
+    """
+
+    def __init__(self, device: str):
+        self.device = torch.device(device)
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def rss_mb() -> float:
+        try:
+            with open("/proc/self/statm") as f:
+                pages = int(f.read().split()[1])
+            import os
+
+            return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+        except (OSError, ValueError):
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def _watch(self):
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, self.rss_mb())
+            self._stop.wait(0.02)
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._thread = threading.Thread(target=self._watch, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_mb = max(self.peak_mb, self.rss_mb())
+        return False
+
+
+@torch.no_grad()
+def predict_proba(strategy, x: torch.Tensor, task: int) -> torch.Tensor:
+    """Class probabilities: the strategy's own ``predict_proba`` if it has one, else softmax of its model."""
+    if hasattr(strategy, "predict_proba"):
+        return strategy.predict_proba(x, task)
+    model = strategy.model
+    model.eval()
+    return torch.softmax(avalanche_forward(model, x, task), dim=-1)
+
+
+@torch.no_grad()
+def evaluate(strategy, bundle: BenchmarkBundle, batch_size: int, device: str):
+    """Accuracy on every experience's evaluation data; pooled probabilities and labels."""
+    accuracies, all_probs, all_labels = [], [], []
+    for exp in bundle.eval:
+        probs = torch.cat([
+            predict_proba(strategy, exp.x[i : i + batch_size].to(device), exp.task).float().cpu()
+            for i in range(0, len(exp.y), batch_size)
+        ])
+        accuracies.append(float((probs.argmax(1) == exp.y).float().mean()))
+        all_probs.append(probs)
+        all_labels.append(exp.y)
+    return accuracies, torch.cat(all_probs).numpy(), torch.cat(all_labels).numpy()
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("torch", "avalanche-lib", "cl-bayes"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "unknown"
+    return out
+
+
+def git_sha() -> str | None:
+    """The checkout's commit, with ``+dirty`` when tracked files differ from it; None outside git."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def build_strategy(config: RunConfig, bundle: BenchmarkBundle, plugins=()):
+    """The Avalanche strategy for ``config`` on ``bundle``, model included."""
+    net = build_model(
+        config.model, input_shape=bundle.input_shape, num_classes=bundle.num_classes, hidden=config.hidden
+    )
+    model = TaskMaskedModel(net, bundle.class_masks) if bundle.class_masks is not None else net
+    definition = strategies.get(config.strategy)
+    ctx = strategies.BuildContext(
+        model=model,
+        config=config,
+        params=definition.params_cls(**config.params),
+        plugins=[NonFiniteLossGuard(), *plugins],
+        n_experiences=bundle.n_experiences,
+    )
+    return definition.build(ctx), definition
+
+
+def run(config: RunConfig, *, data_root=None, progress=None, spec_path: str | None = None) -> dict:
+    """Train and score one configuration; return the results dictionary.
+
+    ``progress(done, total)`` is called after each experience (for progress bars).
+    """
+    seed_everything(config.seed)
+    bundle = build_benchmark(config, data_root=data_root)
+    strategy, definition = build_strategy(config, bundle)
+    stream = bundle.benchmark.train_stream
+    rows, times = [], []
+    with PeakMemory(config.device) as peak:
+        if definition.joint:
+            start = time.perf_counter()
+            strategy.train(stream)
+            times.append(time.perf_counter() - start)
+            acc, probs, labels = evaluate(strategy, bundle, config.eval_batch_size, config.device)
+            rows.append(acc)
+            if progress:
+                progress(len(stream), len(stream))
+        else:
+            for i, experience in enumerate(stream):
+                start = time.perf_counter()
+                strategy.train(experience)
+                times.append(time.perf_counter() - start)
+                acc, probs, labels = evaluate(strategy, bundle, config.eval_batch_size, config.device)
+                rows.append(acc)
+                if progress:
+                    progress(i + 1, len(stream))
+    table = metrics.reliability(probs, labels)
+    params = config.params
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "benchmark": config.benchmark,
+        "strategy": config.strategy,
+        "seed": config.seed,
+        "protocol": config.protocol,
+        "config": config.to_dict(),
+        "spec": spec_path,
+        "versions": versions(),
+        "git_sha": git_sha(),
+        "device": str(config.device),
+        "data_source": bundle.data_source,
+        "evaluated_on": config.evaluate_on,
+        "accuracy_matrix": rows,
+        "metrics": {
+            **metrics.matrix_metrics(rows),
+            "nll": metrics.nll(probs, labels),
+            "ece": metrics.ece_from_reliability(table),
+        },
+        "calibration": {"bins": metrics.ECE_BINS, **table},
+        "time_s": {"per_experience": times, "total": float(sum(times))},
+        "peak_memory_mb": round(peak.peak_mb, 1),
+        "memory_size": int(params.get("memory_size", 0)),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
