@@ -183,7 +183,7 @@ def resolve(
     if overrides:
         layers.append(overrides)
         sources.append("--set")
-    for layer, where in zip(layers, sources):
+    for layer, where in zip(layers, sources, strict=True):
         for key, value in layer.items():
             if key in TRAINING_FIELDS:
                 training.update(check_fields({key: value}, RunConfig, where=where))

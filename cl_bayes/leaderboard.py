@@ -26,18 +26,12 @@ from typing import Any
 import pandas as pd
 
 from cl_bayes import metrics as M
+from cl_bayes.protocols import BENCHMARKS as _BENCHMARKS
+from cl_bayes.protocols import PROTOCOLS
 from cl_bayes.results import ResultsError, load, result_path, validate, write_atomic
 
-# Registered names. Kept here for now; they may later come from the benchmark registry.
-BENCHMARKS: tuple[str, ...] = (
-    "split-mnist",
-    "split-mnist-ci",
-    "permuted-mnist",
-    "split-fmnist",
-    "split-fmnist-ci",
-    "split-cifar10",
-)
-PROTOCOLS: tuple[str, ...] = ("quick", "paper")
+# Registered names come from the benchmark registry.
+BENCHMARKS: tuple[str, ...] = tuple(_BENCHMARKS)
 
 REGENERATE_COMMAND = "cl-bayes leaderboard"
 MD_NAME = "LEADERBOARD.md"

@@ -15,6 +15,7 @@ import random
 import subprocess
 import threading
 import time
+import warnings
 from importlib import metadata
 from pathlib import Path
 
@@ -162,6 +163,7 @@ def build_strategy(config: RunConfig, bundle: BenchmarkBundle, plugins=()):
         params=definition.params_cls(**config.params),
         plugins=[NonFiniteLossGuard(), *plugins],
         n_experiences=bundle.n_experiences,
+        first_experience_size=len(bundle.train[0].y),
     )
     return definition.build(ctx), definition
 
@@ -173,7 +175,9 @@ def run(config: RunConfig, *, data_root=None, progress=None, spec_path: str | No
     """
     seed_everything(config.seed)
     bundle = build_benchmark(config, data_root=data_root)
-    strategy, definition = build_strategy(config, bundle)
+    with warnings.catch_warnings():  # Avalanche warns that the (unused) evaluator has no loggers
+        warnings.filterwarnings("ignore", message="No loggers specified")
+        strategy, definition = build_strategy(config, bundle)
     stream = bundle.benchmark.train_stream
     rows, times = [], []
     with PeakMemory(config.device) as peak:

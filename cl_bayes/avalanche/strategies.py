@@ -45,6 +45,7 @@ class BuildContext:
     params: object  # the strategy's hyper-parameter dataclass instance
     plugins: list[SupervisedPlugin]
     n_experiences: int
+    first_experience_size: int  # training examples in experience 0 (IVON's initial ess)
 
     def template_args(self) -> dict:
         """Keyword arguments shared by every Avalanche template."""

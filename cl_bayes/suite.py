@@ -1,0 +1,221 @@
+"""Suites: strategies x benchmarks x seeds, run by an executor, summarised with pandas.
+
+A suite file (``benchmarks/suites/*.toml``) names a protocol, seeds,
+benchmarks and strategies. ``plan`` lists the runs whose results file does not
+exist yet, so an interrupted suite resumes where it stopped. Executors run
+``execute`` on each planned run: ``local`` (a pool of local processes, each
+importing Avalanche once) or ``ray`` (``cl_bayes.ray_executor``). A failed run
+is reported and leaves no results file; the suite goes on with the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cl_bayes.config import ConfigError, check_fields, tomllib
+from cl_bayes.protocols import BENCHMARKS, PROTOCOLS
+from cl_bayes.results import result_path
+
+
+@dataclass
+class Suite:
+    protocol: str = "quick"  # "quick" or "paper"
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # one run per seed
+    benchmarks: list[str] = field(default_factory=list)  # benchmark ids
+    strategies: list[str] = field(default_factory=list)  # strategy names
+    description: str = ""  # what the suite is for
+
+
+def load_suite(path: str | os.PathLike, known_strategies: Iterable[str]) -> Suite:
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"no suite file {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: malformed TOML ({e})") from None
+    suite = Suite(**check_fields(raw, Suite, where=str(path)))
+    if suite.protocol not in PROTOCOLS:
+        raise ConfigError(f"{path}: unknown protocol '{suite.protocol}'")
+    for b in suite.benchmarks:
+        if b not in BENCHMARKS:
+            raise ConfigError(f"{path}: unknown benchmark '{b}' (known: {', '.join(BENCHMARKS)})")
+    known = set(known_strategies)
+    for s in suite.strategies:
+        if s not in known:
+            raise ConfigError(f"{path}: unknown strategy '{s}' (known: {', '.join(sorted(known))})")
+    if not suite.seeds or not suite.benchmarks or not suite.strategies:
+        raise ConfigError(f"{path}: seeds, benchmarks and strategies must not be empty")
+    return suite
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """Everything a worker needs for one run; plain data, so it pickles to any executor."""
+
+    strategy: str
+    benchmark: str
+    seed: int
+    protocol: str
+    results_root: str
+    data_root: str | None = None
+    specs: str | None = None
+    overrides: tuple[tuple[str, Any], ...] = ()
+    device: str = "cpu"
+    threads: int = 1
+    overwrite: bool = False
+
+    @property
+    def path(self) -> Path:
+        return result_path(self.results_root, self.protocol, self.benchmark, self.strategy, self.seed)
+
+    @property
+    def label(self) -> str:
+        return f"{self.strategy} on {self.benchmark} seed {self.seed}"
+
+
+def plan(suite: Suite, **request_args) -> tuple[list[RunRequest], list[RunRequest]]:
+    """(to run, already done): every strategy x benchmark x seed, split by whether its file exists."""
+    todo, done = [], []
+    for benchmark in suite.benchmarks:
+        for strategy in suite.strategies:
+            for seed in suite.seeds:
+                r = RunRequest(strategy=strategy, benchmark=benchmark, seed=seed, protocol=suite.protocol,
+                               **request_args)
+                (done if r.path.exists() and not r.overwrite else todo).append(r)
+    return todo, done
+
+
+def resolve_request(r: RunRequest):
+    """The resolved RunConfig and spec path of a request (imports the strategy registry)."""
+    from cl_bayes import config as C
+    from cl_bayes.avalanche import strategies
+
+    definition = strategies.get(r.strategy)
+    spec, spec_path = C.load_spec(r.strategy, r.specs)
+    overrides = dict(r.overrides)
+    if r.device != "cpu":
+        overrides.setdefault("device", r.device)
+    cfg = C.resolve(benchmark=r.benchmark, strategy=r.strategy, seed=r.seed, protocol=r.protocol,
+                    params_cls=definition.params_cls, spec=spec, spec_path=spec_path, overrides=overrides)
+    return cfg, spec_path
+
+
+def execute(r: RunRequest, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Run one request and write its results file; never raises (the outcome says what happened)."""
+    import torch
+
+    from cl_bayes.avalanche.runner import run
+    from cl_bayes.results import write_atomic
+
+    torch.set_num_threads(r.threads)
+    start = time.perf_counter()
+    try:
+        cfg, spec_path = resolve_request(r)
+        if r.path.exists() and not r.overwrite:
+            return {"label": r.label, "status": "exists", "path": str(r.path)}
+        data = run(cfg, data_root=r.data_root, progress=progress, spec_path=_display_path(spec_path))
+        write_atomic(r.path, data, overwrite=r.overwrite)
+        return {"label": r.label, "status": "ok", "path": str(r.path), "seconds": time.perf_counter() - start,
+                "accuracy": data["metrics"]["average_accuracy"]}
+    except Exception as e:  # reported by the caller; a failed run leaves no file
+        return {"label": r.label, "status": "failed", "error": f"{type(e).__name__}: {e}",
+                "traceback": traceback.format_exc(), "seconds": time.perf_counter() - start}
+
+
+def _display_path(path: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _worker_init() -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore")
+
+
+def run_local(requests: list[RunRequest], *, jobs: int, on_result: Callable[[dict], None]) -> None:
+    """Run requests on a pool of ``jobs`` local processes (in this process when jobs == 1)."""
+    if jobs <= 1:
+        _worker_init()
+        for r in requests:
+            on_result(execute(r))
+        return
+    context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch thread pools
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_init) as pool:
+        futures = [pool.submit(execute, r) for r in requests]
+        for future in as_completed(futures):
+            on_result(future.result())
+
+
+def summary_frame(results_root: str | os.PathLike, suite: Suite):
+    """Mean and std over seeds per benchmark and strategy, for this suite's runs."""
+    import pandas as pd
+
+    from cl_bayes.results import load
+
+    rows = []
+    for benchmark in suite.benchmarks:
+        for strategy in suite.strategies:
+            for seed in suite.seeds:
+                path = result_path(results_root, suite.protocol, benchmark, strategy, seed)
+                if not path.exists():
+                    continue
+                d = load(path)
+                rows.append({
+                    "benchmark": benchmark, "strategy": strategy, "seed": seed,
+                    "accuracy": 100 * d["metrics"]["average_accuracy"],
+                    "forgetting": None if d["metrics"]["forgetting"] is None else 100 * d["metrics"]["forgetting"],
+                    "ece": 100 * d["metrics"]["ece"], "nll": d["metrics"]["nll"], "time_s": d["time_s"]["total"],
+                })
+    if not rows:
+        return pd.DataFrame()
+    frame = pd.DataFrame(rows)
+    stats = frame.groupby(["benchmark", "strategy"], sort=False).agg(
+        seeds=("seed", "count"),
+        accuracy=("accuracy", "mean"), accuracy_std=("accuracy", "std"),
+        forgetting=("forgetting", "mean"), ece=("ece", "mean"), nll=("nll", "mean"), time_s=("time_s", "mean"),
+    )
+    return stats.reset_index()
+
+
+def summary_markdown(frame, *, command: str, wall_s: float | None = None) -> str:
+    """The summary as markdown tables, one per benchmark, ranked by accuracy."""
+    if frame.empty:
+        return "No results.\n"
+    lines = [f"Produced by `{command}`" + (f" (wall time {wall_s / 60:.1f} min)." if wall_s else "."), ""]
+    for benchmark, part in frame.groupby("benchmark", sort=False):
+        lines += [f"### {benchmark}", "",
+                  "| strategy | seeds | accuracy % | forgetting % | ECE % | NLL | time/run s |",
+                  "|---|--:|--:|--:|--:|--:|--:|"]
+        for _, r in part.sort_values("accuracy", ascending=False).iterrows():
+            std = "" if r.accuracy_std != r.accuracy_std else f" ± {r.accuracy_std:.2f}"
+            forget = "n/a" if r.forgetting != r.forgetting else f"{r.forgetting:.2f}"
+            lines.append(f"| {r.strategy} | {r.seeds} | {r.accuracy:.2f}{std} | {forget} | {r.ece:.2f} | "
+                         f"{r.nll:.3f} | {r.time_s:.1f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def with_fields(request: RunRequest, **changes) -> RunRequest:
+    return dataclasses.replace(request, **changes)
+
+
+def default_jobs() -> int:
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def eprint(*args) -> None:
+    print(*args, file=sys.stderr, flush=True)
