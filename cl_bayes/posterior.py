@@ -51,11 +51,11 @@ class DiagonalGaussian:
         return self.precision * self.mean, -0.5 * self.precision
 
     @classmethod
-    def from_natural(cls, eta1: Tensor, eta2: Tensor) -> "DiagonalGaussian":
+    def from_natural(cls, eta1: Tensor, eta2: Tensor) -> DiagonalGaussian:
         precision = -2.0 * eta2
         return cls(mean=eta1 / precision, precision=precision)
 
-    def multiply(self, other: "DiagonalGaussian") -> "DiagonalGaussian":
+    def multiply(self, other: DiagonalGaussian) -> DiagonalGaussian:
         """Product of two Gaussians (up to normalisation): natural parameters add."""
         a1, a2 = self.natural_parameters
         b1, b2 = other.natural_parameters
@@ -67,5 +67,5 @@ class DiagonalGaussian:
         )
         return self.mean + noise * self.std
 
-    def detach(self) -> "DiagonalGaussian":
+    def detach(self) -> DiagonalGaussian:
         return DiagonalGaussian(self.mean.detach().clone(), self.precision.detach().clone())

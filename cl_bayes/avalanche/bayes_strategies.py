@@ -39,9 +39,10 @@ def ivon_strategy(ctx: BuildContext, *plugins) -> IVONStrategy:
     p = ctx.params
     model = ctx.model.to(ctx.config.device)
     first_ess = p.ess or ctx.first_experience_size
+    clip_radius = math.inf if p.clip_radius is None else p.clip_radius
     optimizer = IVON(
         model.parameters(), lr=ctx.config.lr, ess=first_ess, hess_init=p.hess_init, beta1=p.beta1,
-        beta2=p.beta2, weight_decay=p.weight_decay, mc_samples=p.mc_samples, clip_radius=math.inf if p.clip_radius is None else p.clip_radius,
+        beta2=p.beta2, weight_decay=p.weight_decay, mc_samples=p.mc_samples, clip_radius=clip_radius,
     )
     return IVONStrategy(
         optimizer=optimizer, mc_samples=p.mc_samples, test_samples=p.test_samples, ess=p.ess,

@@ -66,7 +66,7 @@ class IVONStrategy(SupervisedTemplate):
 
     # -- training -------------------------------------------------------------------
     def training_epoch(self, **kwargs):
-        for self.mbatch in self.dataloader:
+        for self.mbatch in self.dataloader:  # noqa: B020 (Avalanche's own loop idiom)
             if self._stop_training:
                 break
             self._unpack_minibatch()
