@@ -82,7 +82,7 @@ def cmd_suite(args) -> int:
     for r in todo:  # fail fast on bad specs, before hours of work
         S.resolve_request(r)
     print(f"suite {args.suite_file}: {len(todo)} runs to do, {len(done)} already done "
-          f"({args.executor} executor, {jobs} jobs)", flush=True)
+          f"({args.executor} executor, {jobs if args.executor == 'local' else args.jobs or 'all'} parallel)", flush=True)
     failures = []
     start = time.perf_counter()
     with tqdm(total=len(todo), desc="runs", unit="run", disable=args.quiet) as bar:
@@ -97,7 +97,7 @@ def cmd_suite(args) -> int:
         if args.executor == "ray":
             from cl_bayes.ray_executor import run_ray
 
-            run_ray(todo, address=args.address, on_result=on_result)
+            run_ray(todo, address=args.address, on_result=on_result, num_cpus=args.jobs)
         else:
             S.run_local(todo, jobs=jobs, on_result=on_result)
     wall = time.perf_counter() - start
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"cl-bayes: error: {message}", file=sys.stderr)
         return 2
-    except ValueError as e:  # SubmissionError and other validation errors
+    except (ValueError, RuntimeError) as e:  # SubmissionError, validation errors, a missing extra
         print(f"cl-bayes: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -184,9 +184,31 @@ def _online_ewc(ctx: BuildContext):
     return Naive(optimizer=ctx.adam(), plugins=with_plugins(ctx, plugin), **ctx.template_args())
 
 
+class CopyingSynapticIntelligencePlugin(SynapticIntelligencePlugin):
+    """Avalanche 0.6's SI plugin with its weight snapshots copied.
+
+    Avalanche snapshots weights with ``param.detach().cpu().flatten()``; on a CPU
+    tensor that is a *view* of the live weights. So on CPUs the anchor taken at the
+    start of an experience always equals the current weights (the penalty is 0) and
+    the weights before an update equal those after it (the path integral is 0): SI
+    reduces to fine-tuning. Copying both snapshots, in ``before_training_exp`` and
+    ``before_training_iteration``, restores the method; on GPUs ``.cpu()`` copied already.
+    """
+
+    def before_training_exp(self, strategy, **kwargs):
+        super().before_training_exp(strategy, **kwargs)
+        for anchor in self.ewc_data[0].values():
+            anchor.data = anchor.data.clone()
+
+    def before_training_iteration(self, strategy, **kwargs):
+        super().before_training_iteration(strategy, **kwargs)
+        for snapshot in self.syn_data["old_theta"].values():
+            snapshot.data = snapshot.data.clone()
+
+
 @register("si", SIParams, "Synaptic Intelligence (Zenke et al., 2017)")
 def _si(ctx: BuildContext):
-    plugin = SynapticIntelligencePlugin(si_lambda=ctx.params.si_lambda, eps=ctx.params.eps)
+    plugin = CopyingSynapticIntelligencePlugin(si_lambda=ctx.params.si_lambda, eps=ctx.params.eps)
     return Naive(optimizer=ctx.adam(), plugins=with_plugins(ctx, plugin), **ctx.template_args())
 
 
