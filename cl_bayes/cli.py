@@ -81,8 +81,9 @@ def cmd_suite(args) -> int:
                         overrides=_overrides(args), device=args.device, threads=threads, overwrite=args.overwrite)
     for r in todo:  # fail fast on bad specs, before hours of work
         S.resolve_request(r)
+    parallel = jobs if args.executor == "local" else (args.jobs or "all CPUs")
     print(f"suite {args.suite_file}: {len(todo)} runs to do, {len(done)} already done "
-          f"({args.executor} executor, {jobs if args.executor == 'local' else args.jobs or 'all'} parallel)", flush=True)
+          f"({args.executor} executor, {parallel} in parallel)", flush=True)
     failures = []
     start = time.perf_counter()
     with tqdm(total=len(todo), desc="runs", unit="run", disable=args.quiet) as bar:

@@ -27,8 +27,8 @@ train_size = len(benchmark.train_stream[0].dataset) if args.limit is None else a
 
 # optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 optimizer = IVON(model.parameters(), lr=0.1, ess=train_size, hess_init=0.1)  # cl-bayes
-# strategy = Naive(model=model, optimizer=optimizer, train_mb_size=128, train_epochs=1, eval_mb_size=1000)
-strategy = IVONStrategy(model=model, optimizer=optimizer, train_mb_size=128, train_epochs=1, eval_mb_size=1000)  # cl-bayes
+# strategy = Naive(model=model, optimizer=optimizer, train_mb_size=128, eval_mb_size=1000)
+strategy = IVONStrategy(model=model, optimizer=optimizer, train_mb_size=128, eval_mb_size=1000)  # cl-bayes
 
 for experience in benchmark.train_stream:
     if args.limit is not None:
