@@ -10,8 +10,8 @@ or its ``Cumulative`` and ``JointTraining`` strategies; nothing is re-implemente
 strategies compare at equal memory.
 
 The registry is an explicit dictionary, filled by the ``register`` decorator
-below (and by ``cl_bayes.avalanche.bayes_strategies`` for the Bayesian
-strategies): no folder scanning, nothing happens at import time beyond that.
+below (and by ``cl_bayes.avalanche.bayes_strategies`` and ``fromp_strategies``
+for the Bayesian strategies): no folder scanning, nothing happens at import time beyond that.
 """
 
 from __future__ import annotations
@@ -85,19 +85,21 @@ def register(name: str, params_cls: type, description: str, *, joint: bool = Fal
     return decorator
 
 
-def get(name: str) -> StrategyDef:
-    # Importing the Bayesian strategies registers them; done here so that a
-    # user importing this module gets the full registry.
+def _register_all() -> None:
+    """Import the modules whose strategies register themselves here (explicit list, no scanning)."""
     import cl_bayes.avalanche.bayes_strategies  # noqa: F401
+    import cl_bayes.avalanche.fromp_strategies  # noqa: F401
 
+
+def get(name: str) -> StrategyDef:
+    _register_all()
     if name not in STRATEGIES:
         raise KeyError(f"unknown strategy '{name}' (known: {', '.join(sorted(STRATEGIES))})")
     return STRATEGIES[name]
 
 
 def names() -> list[str]:
-    import cl_bayes.avalanche.bayes_strategies  # noqa: F401
-
+    _register_all()
     return sorted(STRATEGIES)
 
 

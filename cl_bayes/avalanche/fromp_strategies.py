@@ -1,0 +1,1 @@
+"""Functional regularisation of the memorable past (FROMP) with the IVON posterior."""
