@@ -1,0 +1,174 @@
+"""Suites (cl_bayes.suite): strict suite files, resumable plans, local execution, summaries."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from conftest import REPO, TINY
+
+from cl_bayes import suite as S
+from cl_bayes.avalanche import strategies
+from cl_bayes.config import ConfigError
+from cl_bayes.results import load, result_path
+
+KNOWN = ["naive", "ewc", "replay"]
+
+
+def write_suite(tmp_path, text: str):
+    path = tmp_path / "suite.toml"
+    path.write_text(text)
+    return path
+
+
+GOOD = """
+description = "two strategies"
+protocol = "quick"
+seeds = [0, 1]
+benchmarks = ["split-mnist"]
+strategies = ["naive", "ewc"]
+"""
+
+
+def test_load_suite(tmp_path):
+    suite = S.load_suite(write_suite(tmp_path, GOOD), KNOWN)
+    assert suite == S.Suite(protocol="quick", seeds=[0, 1], benchmarks=["split-mnist"], strategies=["naive", "ewc"],
+                            description="two strategies")
+
+
+def test_the_default_suite_loads():
+    suite = S.load_suite(REPO / "benchmarks" / "suites" / "default.toml", strategies.names())
+    assert suite.benchmarks and suite.strategies and suite.seeds
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        (GOOD + 'seed = [3]\n', "unknown key 'seed'"),
+        (GOOD.replace('"ewc"', '"ewc2"'), "unknown strategy 'ewc2'"),
+        (GOOD.replace('"split-mnist"', '"split-mnits"'), "unknown benchmark 'split-mnits'"),
+        (GOOD.replace('"quick"', '"fast"'), "unknown protocol 'fast'"),
+        (GOOD.replace("[0, 1]", '"0"'), "'seeds'"),
+        (GOOD.replace("[0, 1]", "[0, true]"), "'seeds'"),
+        (GOOD.replace("[0, 1]", "[]"), "must not be empty"),
+        (GOOD.replace('["naive", "ewc"]', "[]"), "must not be empty"),
+        (GOOD + "protocol = = 1\n", "malformed TOML"),
+    ],
+)
+def test_load_suite_is_strict(tmp_path, text, needle):
+    with pytest.raises(ConfigError, match=needle):
+        S.load_suite(write_suite(tmp_path, text), KNOWN)
+
+
+def test_a_missing_suite_file(tmp_path):
+    with pytest.raises(ConfigError, match="no suite file"):
+        S.load_suite(tmp_path / "nope.toml", KNOWN)
+
+
+def test_plan_skips_existing_results(tmp_path):
+    suite = S.Suite(seeds=[0, 1], benchmarks=["split-mnist", "permuted-mnist"], strategies=["naive", "ewc"])
+    root = tmp_path / "results"
+    todo, done = S.plan(suite, results_root=str(root))
+    assert len(todo) == 2 * 2 * 2 and done == []
+    assert {(r.benchmark, r.strategy, r.seed) for r in todo} == {
+        (b, s, k) for b in suite.benchmarks for s in suite.strategies for k in suite.seeds}
+    existing = result_path(root, "quick", "permuted-mnist", "ewc", 1)
+    existing.parent.mkdir(parents=True)
+    existing.write_text("{}")
+    todo, done = S.plan(suite, results_root=str(root))
+    assert [(r.benchmark, r.strategy, r.seed) for r in done] == [("permuted-mnist", "ewc", 1)]
+    assert len(todo) == 7 and all(r.path != existing for r in todo)
+    assert done[0].path == existing
+    todo, done = S.plan(suite, results_root=str(root), overwrite=True)  # overwrite: everything again
+    assert len(todo) == 8 and done == []
+
+
+def test_requests_carry_their_settings():
+    suite = S.Suite(protocol="paper", seeds=[2], benchmarks=["split-mnist"], strategies=["naive"])
+    (r,), _ = S.plan(suite, results_root="/r", overrides=(("epochs", 2),), threads=3)
+    assert (r.protocol, r.overrides, r.threads) == ("paper", (("epochs", 2),), 3)
+    assert r.label == "naive on split-mnist seed 2"
+    cfg, _ = S.resolve_request(r)
+    assert cfg.epochs == 2 and cfg.protocol == "paper"
+
+
+@pytest.fixture(scope="module")
+def tiny_suite_run(tmp_path_factory, mnist_root):
+    """2 strategies x 1 benchmark x 2 seeds, run in this process: (suite, root, outcomes)."""
+    suite = S.Suite(seeds=[0, 1], benchmarks=["split-mnist"], strategies=["naive", "ewc"])
+    root = tmp_path_factory.mktemp("suite") / "results"
+    todo, done = S.plan(suite, results_root=str(root), overrides=tuple(TINY.items()))
+    assert len(todo) == 4 and done == []
+    outcomes = []
+    S.run_local(todo, jobs=1, on_result=outcomes.append)
+    return suite, root, outcomes
+
+
+def test_run_local_writes_every_file(tiny_suite_run):
+    suite, root, outcomes = tiny_suite_run
+    assert [o["status"] for o in outcomes] == ["ok"] * 4, [o.get("error") for o in outcomes]
+    for strategy in suite.strategies:
+        for seed in suite.seeds:
+            d = load(result_path(root, "quick", "split-mnist", strategy, seed))
+            assert (d["strategy"], d["seed"]) == (strategy, seed)
+            assert d["config"]["train_per_experience"] == TINY["train_per_experience"]
+    paths = {o["path"] for o in outcomes}
+    assert len(paths) == 4
+    for o in outcomes:
+        assert o["accuracy"] == load(o["path"])["metrics"]["average_accuracy"]
+
+
+def test_summary_frame_is_mean_and_std_over_the_files(tiny_suite_run):
+    suite, root, _ = tiny_suite_run
+    frame = S.summary_frame(root, suite)
+    assert len(frame) == 2 and set(frame["strategy"]) == {"naive", "ewc"}
+    for _, row in frame.iterrows():
+        paths = [result_path(root, "quick", row.benchmark, row.strategy, k) for k in suite.seeds]
+        files = [json.loads(p.read_text()) for p in paths]
+        acc = np.array([100 * f["metrics"]["average_accuracy"] for f in files])
+        assert row.seeds == 2
+        assert row.accuracy == pytest.approx(acc.mean())
+        assert row.accuracy_std == pytest.approx(acc.std(ddof=1))  # sample std over seeds
+        assert row.forgetting == pytest.approx(np.mean([100 * f["metrics"]["forgetting"] for f in files]))
+        assert row.ece == pytest.approx(np.mean([100 * f["metrics"]["ece"] for f in files]))
+        assert row.nll == pytest.approx(np.mean([f["metrics"]["nll"] for f in files]))
+        assert row.time_s == pytest.approx(np.mean([f["time_s"]["total"] for f in files]))
+    text = S.summary_markdown(frame, command="cl-bayes suite x.toml")
+    ranked = frame.sort_values("accuracy", ascending=False).strategy.tolist()
+    assert text.index(f"| {ranked[0]} |") < text.index(f"| {ranked[1]} |")
+    assert "### split-mnist" in text and "± " in text
+
+
+def test_the_suite_resumes(tiny_suite_run):
+    suite, root, _ = tiny_suite_run
+    before = {p: p.read_bytes() for p in root.rglob("*.json")}
+    todo, done = S.plan(suite, results_root=str(root), overrides=tuple(TINY.items()))
+    assert todo == [] and len(done) == 4
+    # executing a finished request again does not touch its file
+    outcome = S.execute(done[0])
+    assert outcome["status"] == "exists"
+    assert {p: p.read_bytes() for p in root.rglob("*.json")} == before
+
+
+def test_summary_of_missing_and_joint_runs(tiny_suite_run, tmp_path):
+    suite, root, _ = tiny_suite_run
+    one_seed = S.Suite(seeds=[0, 7], benchmarks=["split-mnist"], strategies=["naive"])  # seed 7 never ran
+    frame = S.summary_frame(root, one_seed)
+    assert frame.loc[0, "seeds"] == 1 and math.isnan(frame.loc[0, "accuracy_std"])
+    assert S.summary_frame(tmp_path, suite).empty
+    assert S.summary_markdown(S.summary_frame(tmp_path, suite), command="x") == "No results.\n"
+
+
+def test_a_failed_run_is_reported_and_leaves_no_file(tmp_path, mnist_root):
+    root = tmp_path / "results"
+    bad = S.RunRequest(strategy="naive", benchmark="split-mnist", seed=0, protocol="quick", results_root=str(root),
+                       overrides=(*TINY.items(), ("lr", 1e30)))
+    typo = S.with_fields(bad, overrides=(("bogus", 1),), seed=1)
+    outcomes = []
+    S.run_local([bad, typo], jobs=1, on_result=outcomes.append)
+    assert [o["status"] for o in outcomes] == ["failed", "failed"]
+    assert "NonFiniteLossError" in outcomes[0]["error"]
+    assert "ConfigError" in outcomes[1]["error"] and "bogus" in outcomes[1]["error"]
+    assert not root.exists() or not list(root.rglob("*.json"))
