@@ -159,11 +159,18 @@ def cmd_plots(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors as the same one-line ``cl-bayes: error:`` (exit 2)."""
+
+    def error(self, message):
+        self.exit(2, f"cl-bayes: error: {message} (see {self.prog} --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cl-bayes", description="Bayesian continual-learning benchmarks")
+    p = _Parser(prog="cl-bayes", description="Bayesian continual-learning benchmarks")
     p.add_argument("-v", "--verbose", action="store_true", help="print tracebacks of failures")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     r = sub.add_parser("run", help="one strategy on one benchmark with one seed")
     r.add_argument("--strategy", required=True)

@@ -155,7 +155,6 @@ def find_image_folder(root: Path) -> Path | None:
     return None
 
 
-@lru_cache(maxsize=4)
 def load(name: str, root: str | os.PathLike | None = None, image_folder: str | None = None) -> TensorDataset:
     """Load ``mnist``, ``fmnist`` or ``cifar10`` as uint8 tensors.
 
@@ -163,7 +162,12 @@ def load(name: str, root: str | os.PathLike | None = None, image_folder: str | N
     root, else from ``image_folder`` or an image-folder copy found under the
     root (see ``CIFAR_FOLDER_NAMES``), else from torchvision's download.
     """
-    root = data_root(root)
+    return _load(name, data_root(root).resolve(), image_folder)
+
+
+@lru_cache(maxsize=4)
+def _load(name: str, root: Path, image_folder: str | None) -> TensorDataset:
+    """``load`` for a resolved root, memoised per process."""
     if name in ("mnist", "fmnist"):
         tv = {"mnist": "MNIST", "fmnist": "FashionMNIST"}[name]
         return _cached(name, f"{tv}:{root.resolve()}", lambda: _decode_torchvision(tv, root))

@@ -56,6 +56,9 @@ def write_atomic(path: str | os.PathLike, data: dict[str, Any], *, overwrite: bo
     text = json.dumps(data, indent=1, allow_nan=False) + "\n"
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600 files; results are for everyone to read
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()

@@ -20,7 +20,7 @@ from avalanche.benchmarks.utils.classification_dataset import (
 from torch import Tensor
 
 from cl_bayes import data
-from cl_bayes.config import RunConfig
+from cl_bayes.config import ConfigError, RunConfig
 from cl_bayes.protocols import BENCHMARKS
 
 
@@ -101,6 +101,10 @@ def build_benchmark(config: RunConfig, *, data_root=None) -> BenchmarkBundle:
             ev_x, ev_y, ev_idx = test_x, test_y, te_idx
         tr_idx = _subset(tr_idx, config.train_per_experience, rng)
         ev_idx = _subset(ev_idx, config.test_per_experience, rng)
+        for what, labels in (("train_per_experience", train_y[tr_idx]), ("test_per_experience", ev_y[ev_idx])):
+            missing = sorted(set(classes) - set(labels.tolist()))
+            if missing:
+                raise ConfigError(f"{what} is too small: experience {i} has no example of class {missing[0]}")
         xs = [train_x[tr_idx], ev_x[ev_idx]]
         if perms is not None:
             p = torch.from_numpy(perms[i])

@@ -173,11 +173,19 @@ def run(config: RunConfig, *, data_root=None, progress=None, spec_path: str | No
 
     ``progress(done, total)`` is called after each experience (for progress bars).
     """
+    with warnings.catch_warnings():
+        # Avalanche 0.6 warns about its own internals (the unused evaluator has no loggers;
+        # ReplayPlugin calls a deprecated storage-policy method): nothing a user can act on.
+        warnings.filterwarnings("ignore", module="avalanche")
+        warnings.filterwarnings("ignore", message="No loggers specified")
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        return _run(config, data_root=data_root, progress=progress, spec_path=spec_path)
+
+
+def _run(config: RunConfig, *, data_root, progress, spec_path) -> dict:
     seed_everything(config.seed)
     bundle = build_benchmark(config, data_root=data_root)
-    with warnings.catch_warnings():  # Avalanche warns that the (unused) evaluator has no loggers
-        warnings.filterwarnings("ignore", message="No loggers specified")
-        strategy, definition = build_strategy(config, bundle)
+    strategy, definition = build_strategy(config, bundle)
     stream = bundle.benchmark.train_stream
     rows, times = [], []
     with PeakMemory(config.device) as peak:
