@@ -56,9 +56,9 @@ def carry_posterior_to_prior(
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
             raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     posterior = optimizer.posterior
-    optimizer.set_prior(mean=posterior.mean, precision=temper * posterior.precision)
-    if not keep_hess:
+    if not keep_hess:  # first: h may be negative where delta is large, and the new delta is larger still
         optimizer.reset_hess()
+    optimizer.set_prior(mean=posterior.mean, precision=temper * posterior.precision)
     if next_ess is not None:
         optimizer.ess = next_ess
     return optimizer.prior

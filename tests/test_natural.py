@@ -168,3 +168,19 @@ def test_accumulation_without_data_changes_nothing_and_validates():
     assert torch.equal(opt.prior_precision, prior_precision)
     c1, c2 = contribution(before, before)
     assert torch.equal(c1, torch.zeros_like(c1)) and torch.equal(c2, torch.zeros_like(c2))
+
+
+def test_carry_with_a_negative_hessian_entry_resets_before_the_new_prior():
+    """h may be negative where delta is large (only h + delta > 0 is kept); the carry must not trip on it."""
+    import torch
+
+    from cl_bayes.ivon import IVON
+    from cl_bayes.natural import carry_posterior_to_prior
+
+    w = torch.nn.Parameter(torch.zeros(3))
+    opt = IVON([w], lr=0.1, ess=10.0, hess_init=0.5, weight_decay=1.0)
+    opt.hess = torch.tensor([-0.5, 0.2, 0.3])  # h + delta = 0.5 > 0, but 2h + delta < 0
+    before = opt.posterior
+    prior = carry_posterior_to_prior(opt, keep_hess=False)
+    assert torch.allclose(prior.precision, before.precision)
+    assert torch.allclose(opt.hess, torch.full((3,), 0.5))
