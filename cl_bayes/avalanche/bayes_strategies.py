@@ -4,15 +4,23 @@
   Bayesian model averaging at test time).
 * ``ivon-prior``: IVON with natural-parameter accumulation: the posterior after each
   experience is the next experience's prior (the VCL-like method).
+* ``ivon-replay``: IVON with Avalanche's ReplayPlugin over a ``PerExperienceMemory``
+  whose examples are chosen by memory-perturbation sensitivity under the IVON
+  posterior at the end of each experience (``cl_bayes.avalanche.memory``); optional
+  natural-parameter accumulation (``accumulate``).
+* ``ivon-replay-lambda``, ``ivon-replay-random``, ``ivon-replay-herding``: the same
+  strategy and builder, the memory chosen by FROMP's lambda, at random, or by iCaRL
+  herding (presets of the ``selection`` parameter): equal memory, only the choice differs.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, make_dataclass
 
 from cl_bayes.avalanche.ivon_strategy import IVONStrategy, NaturalParameterAccumulation
-from cl_bayes.avalanche.strategies import BuildContext, register, with_plugins
+from cl_bayes.avalanche.memory import SELECTIONS, make_selector
+from cl_bayes.avalanche.strategies import BuildContext, register, replay_plugin, with_plugins
 from cl_bayes.ivon import IVON
 
 
@@ -32,6 +40,25 @@ class IVONParams:
 class IVONPriorParams(IVONParams):
     keep_hess: bool = False  # keep h at experience boundaries (else reset to hess_init)
     temper: float = 1.0  # multiplies the carried prior precision
+
+
+@dataclass
+class IVONReplayParams(IVONParams):
+    memory_size: int = 200  # examples kept per experience (class-balanced)
+    selection: str = "sensitivity"  # how they are chosen: sensitivity, lambda, random or herding
+    estimator: str = "last_layer"  # sensitivity's variance estimator: last_layer, exact or samples
+    candidates: int | None = None  # sensitivity/lambda: score a random pool of candidates * memory_size (None: all)
+    accumulate: bool = False  # natural-parameter accumulation (posterior -> next prior) as in ivon-prior
+    keep_hess: bool = False  # with accumulate: keep h at experience boundaries (else reset to hess_init)
+    temper: float = 1.0  # with accumulate: multiplies the carried prior precision
+
+    def __post_init__(self):
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
+        if self.estimator not in ("last_layer", "exact", "samples"):
+            raise ValueError(f"estimator must be last_layer, exact or samples, got {self.estimator!r}")
+        if self.candidates is not None and self.candidates < 1:
+            raise ValueError(f"candidates must be >= 1 or null, got {self.candidates}")
 
 
 def ivon_strategy(ctx: BuildContext, *plugins) -> IVONStrategy:
@@ -58,3 +85,36 @@ def _ivon(ctx: BuildContext):
 @register("ivon-prior", IVONPriorParams, "IVON with natural-parameter accumulation (posterior -> next prior)")
 def _ivon_prior(ctx: BuildContext):
     return ivon_strategy(ctx, NaturalParameterAccumulation(keep_hess=ctx.params.keep_hess, temper=ctx.params.temper))
+
+
+def _ivon_replay(ctx: BuildContext):
+    """IVON + ReplayPlugin over a per-experience memory chosen by ``ctx.params.selection``.
+
+    Plugin order matters: the replay plugin's ``after_training_exp`` (the selection, which
+    reads the posterior) runs before natural-parameter accumulation changes the posterior.
+    """
+    p = ctx.params
+    selector = make_selector(p.selection, seed=ctx.config.seed, estimator=p.estimator, candidates=p.candidates)
+    plugins = [replay_plugin(ctx, selector)]
+    if p.accumulate:
+        plugins.append(NaturalParameterAccumulation(keep_hess=p.keep_hess, temper=p.temper))
+    return ivon_strategy(ctx, *plugins)
+
+
+register(
+    "ivon-replay", IVONReplayParams, "IVON + replay of the examples with the highest posterior sensitivity (MPE)"
+)(_ivon_replay)
+
+_ABLATIONS = {
+    "lambda": "IVON + replay, memory by FROMP's lambda (softmax-Hessian trace); ivon-replay's ablation",
+    "random": "IVON + replay, class-balanced random memory; ivon-replay's ablation",
+    "herding": "IVON + replay, memory by iCaRL herding on last-layer features; ivon-replay's ablation",
+}
+for _selection, _description in _ABLATIONS.items():
+    # The same parameters with another default ``selection``: the spec may still set any field.
+    _params = make_dataclass(
+        f"IVONReplay{_selection.title()}Params",
+        [("selection", str, field(default=_selection))],
+        bases=(IVONReplayParams,),
+    )
+    register(f"ivon-replay-{_selection}", _params, _description)(_ivon_replay)
