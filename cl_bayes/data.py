@@ -182,3 +182,6 @@ def _load(name: str, root: Path, image_folder: str | None) -> TensorDataset:
             return _cached(name, f"imagefolder:{folder}", lambda: _decode_image_folder(folder))
         return _cached(name, f"CIFAR10:{root.resolve()}", lambda: _decode_torchvision("CIFAR10", root))
     raise DataError(f"unknown dataset '{name}' (known: mnist, fmnist, cifar10)")
+
+
+load.cache_clear = _load.cache_clear  # forget decoded datasets (tests, long-lived processes)
