@@ -3,6 +3,7 @@
     cl-bayes run --strategy S --benchmark B --seed K [--protocol quick|paper] [--set key=value ...]
     cl-bayes suite benchmarks/suites/default.toml [--jobs N] [--executor local|ray]
     cl-bayes leaderboard | cl-bayes submit FILE... | cl-bayes plots
+    cl-bayes whatif --benchmark B --remove-class C [--verify]
     cl-bayes list
 
 Every failure the user can cause (unknown names, missing data, malformed
@@ -206,6 +207,10 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--benchmark", default=None)
     pl.add_argument("--protocol", default=None)
     pl.set_defaults(func=cmd_plots)
+
+    from cl_bayes import whatif  # light at import: torch and Avalanche load inside its main
+
+    whatif.add_parser(sub)
     return p
 
 
