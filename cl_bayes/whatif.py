@@ -28,8 +28,26 @@ scatter plot. All predictions here are at the posterior mean (no model average),
 as in the equation. JSON (and PNG) are written atomically, never over an existing
 file unless ``--overwrite``.
 
-    cl-bayes whatif --benchmark split-mnist-ci --remove-class 3 --verify
-    cl-bayes whatif --benchmark permuted-mnist --remove-experience 4 --verify --set hidden=[100]
+    cl-bayes whatif --benchmark split-mnist --remove-class 3 --verify
+    cl-bayes whatif --benchmark split-mnist --remove-experience 2 --verify --set train_per_experience=1000
+
+What to expect (seed 0, quick protocol, shared 2-core CPU). Removing class 3 from
+split-mnist (6,131 of 60,000 examples): per held-out example, Pearson r = 0.54 for the
+change of p(true class) (0.9998 on the 1,010 test examples of class 3, 0.21 on the
+others) and 0.94 for the change of NLL; the estimate overshoots (held-out NLL
+0.09 -> estimated 6.9, true 0.89), as a full Newton step with IVON's near-isotropic
+precision does. Removing a whole experience is a much larger perturbation and is
+not estimated reliably (r between -0.4 and 0.4 over 3 seeds x experiences 1, 2 on a
+small split-mnist run). The equation assumes the posterior mean is near-stationary
+for all the data; where the model has forgotten old classes (class-incremental
+benchmarks without replay) that fails and so does the estimate.
+
+Cost. The estimate needs the group's per-example Jacobians (``group_contribution``:
+O(|G| C F) + O(|G| C P)), independent of the number of epochs; retraining costs
+epochs x N x (forward + backward). With the quick protocol's single epoch retraining is
+cheaper: 217 s to estimate vs 35 s to retrain for the class-3 example above (the
+Jacobian primitive runs at ~10-35 ms per example of the 784-256-256 MLP here). The
+estimate pays off for many-epoch training, or with a layer-wise GGN diagonal.
 
 Heavy imports (torch, Avalanche) happen inside the functions, so adding this
 subcommand does not slow down the CLI's start.
@@ -515,3 +533,12 @@ def _report(summary: dict, json_path: Path, png_path: Path | None) -> None:
     print(json_path)
     if png_path is not None:
         print(png_path)
+
+
+if __name__ == "__main__":  # python -m cl_bayes.whatif ARGS == cl-bayes whatif ARGS (once wired into cli.py)
+    import sys
+
+    _parser = argparse.ArgumentParser(prog="cl-bayes")
+    add_parser(_parser.add_subparsers(dest="command", required=True))
+    _args = _parser.parse_args(["whatif", *sys.argv[1:]])
+    sys.exit(_args.func(_args))
