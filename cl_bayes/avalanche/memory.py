@@ -413,5 +413,9 @@ class PerExperienceMemory(ExemplarsBuffer):
         self.groups.append(exp.dataset.eval().subset(chosen.tolist()).train())
         self.buffer = concat_datasets(self.groups)
 
+    def update(self, strategy, **kwargs):
+        # ReplayPlugin 0.6 still calls the deprecated ``update``; same effect, without its warning.
+        self.post_adapt(strategy, strategy.experience)
+
     def resize(self, strategy, new_size: int):
         self.max_size = new_size  # the per-experience quota, not the total, decides what is kept
