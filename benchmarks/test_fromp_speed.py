@@ -1,0 +1,104 @@
+"""Cost of one training step at experience 10 of permuted MNIST: IVON vs IVON + FROMP vs FROMP by Jacobian loop.
+
+    .venv/bin/python -m pytest benchmarks/test_fromp_speed.py --benchmark-only
+
+The setting of ``ivon-fromp`` on ``permuted-mnist``: MLP 784-100-100-10 (P = 89,610), batch 128,
+a functional prior over 9 past experiences x 200 memorable points, 10 classes, block kernel.
+The prior's state is built directly (``FunctionalPrior.add_task`` 9 times, with an IVON posterior
+and random inputs; ~4 s each on one thread, the block kernel of 200 points is recomputed in
+block pairs), not by training 9 experiences. A step is what ``IVONStrategy`` does per mini-batch
+with one MC sample: inside ``sampled_params(train=True)`` zero_grad, forward, loss, backward;
+then IVON's ``step``. The three variants differ only in the loss's gradient:
+
+* ``ivon``: the mean cross-entropy of the batch (``ivon`` / ``naive`` with IVON);
+* ``ivon-fromp``: + ``FunctionalPrior(model)``, one forward + backward over the 1,800 memorable
+  points together with the batch (what ``FunctionalRegularisationPlugin.before_backward`` adds);
+* ``jacobian-loop``: + ``reference_gradient_jacobian_loop``, the same gradient with one backward
+  pass per memorable output (9 x 200 x 10 = 18,000), added to ``.grad``; one round only;
+* ``memory-pass``: + a kernel-free term over the same 1,800 points (their mean log-sum-exp):
+  the floor for any step that touches every memorable point, to separate that cost from
+  the kernel's.
+
+One intra-op thread, fixed inputs. Compare the ``min`` column (the CPU may be shared); the
+parenthesised numbers in the table are the ratios to the fastest row. Not collected by
+``pytest tests/``.
+
+Measured (2026-11-28, shared 2-core machine, torch 2.14.1 CPU, min of the rounds): ivon 1.13 ms,
+memory-pass 9.75 ms (8.6x), ivon-fromp 17.1 ms (15.2x), jacobian-loop 9.54 s (556x ivon-fromp).
+The FROMP step does not meet a 1.5x target at this memory size: touching 1,800 memorable
+points costs ~14 batches of 128 in flops (memory-pass, 8.6x, is the floor); the rest, ~7 ms, is
+the products with the 9 x (10, 200, 200) inverse kernels (forward and backward, memory-bound).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cl_bayes.fromp import FunctionalPrior, reference_gradient_jacobian_loop
+from cl_bayes.ivon import IVON
+from cl_bayes.models import MLP
+
+PAST, MEMORY, CLASSES, BATCH = 9, 200, 10, 128
+VARIANTS = ("ivon", "memory-pass", "ivon-fromp", "jacobian-loop")
+ROUNDS = {"ivon": 300, "memory-pass": 50, "ivon-fromp": 50, "jacobian-loop": 1}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def setting():
+    """Model, optimizer, batch and a FunctionalPrior over 9 past experiences (built once, one thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # several threads on a shared machine made add_task ~8x slower
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = MLP(in_features=784, hidden=[100, 100], num_classes=CLASSES)
+    optimizer = IVON(model.parameters(), lr=0.1, ess=60_000.0, hess_init=0.1, beta2=0.999)
+    prior = FunctionalPrior(tau=1e-4, kernel="block", eps=1e-3)
+    for _ in range(PAST):
+        with torch.no_grad():  # a different posterior mean per past experience
+            for p in model.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=gen))
+        prior.add_task(model, optimizer.posterior, torch.rand(MEMORY, 1, 28, 28, generator=gen))
+    x = torch.rand(BATCH, 1, 28, 28, generator=gen)
+    y = torch.randint(0, CLASSES, (BATCH,), generator=gen)
+    torch.set_num_threads(threads)
+    return model, optimizer, prior, x, y
+
+
+def make_step(name: str, model, optimizer: IVON, prior: FunctionalPrior, x, y):
+    loss_fn = torch.nn.functional.cross_entropy
+    params = list(model.parameters())
+    memory = torch.cat([task.inputs for task in prior.tasks])
+
+    def step() -> None:
+        with optimizer.sampled_params(train=True):
+            optimizer.zero_grad()
+            loss = loss_fn(model(x), y)
+            if name == "ivon-fromp":
+                loss = loss + prior(model)
+            elif name == "memory-pass":
+                loss = loss + model(memory).logsumexp(-1).mean()
+            loss.backward()
+            if name == "jacobian-loop":
+                grad = reference_gradient_jacobian_loop(prior, model)
+                for p, g in zip(params, grad.split([p.numel() for p in params]), strict=True):
+                    p.grad.add_(g.view_as(p))
+        optimizer.step()
+
+    return step
+
+
+@pytest.mark.benchmark(group="step at experience 10 of permuted MNIST: MLP 784-100-100-10, batch 128, 9 x 200 memory")
+@pytest.mark.parametrize("name", VARIANTS)
+def test_fromp_step(benchmark, setting, name):
+    step = make_step(name, *setting)
+    rounds = ROUNDS[name]
+    benchmark.pedantic(step, rounds=rounds, warmup_rounds=0 if rounds == 1 else max(3, rounds // 10))

@@ -1,0 +1,166 @@
+"""FROMP inside Avalanche: a thin plugin over ``cl_bayes.fromp.FunctionalPrior``.
+
+``FunctionalRegularisationPlugin`` uses two hooks, in this order within an experience:
+
+1. ``before_backward`` (every training step of experiences 2, 3, ...): adds the
+   functional prior of all past experiences to the loss,
+   ``strategy.loss += tau / 2 * sum_s r_s^T K_s^{-1} r_s`` (``FunctionalPrior``),
+   evaluated at the network the strategy is training. Inside ``IVONStrategy`` this
+   hook runs inside ``optimizer.sampled_params``, once per posterior sample, so the
+   *sampled* network is regularised and IVON's gradient (and Hessian) estimate
+   includes the term. One forward pass over all memories, one backward pass shared
+   with the data loss.
+2. ``after_training_exp`` (end of each experience): reads the experience's training
+   examples, chooses ``memory_size`` of them (class-balanced, ``cl_bayes.memory``) by
+   ``selection``, then ``FunctionalPrior.add_task(net, optimizer.posterior, x, class_mask)``
+   stores their softmax outputs at the posterior mean and the inverse kernel
+   ``K_s^{-1}`` from the posterior covariance, computed once per experience. It reads
+   the posterior the strategy has *at the end of the experience*: list this plugin
+   before any plugin that changes the posterior in the same hook (natural-parameter
+   accumulation resets IVON's Hessian).
+
+Scaling of tau (FROMP's convention). The strategy's loss is the *mean* cross-entropy
+over the mini-batch, and the plugin adds ``tau / 2 * sum_s r_s^T K_s^{-1} r_s`` to it;
+its gradient is ``tau * sum_s J_s^T K_s^{-1} r_s``. That is the relative weight of
+FROMP's code (``opt_fromp.step`` uses ``grad(mean loss) / tau + sum_s J^T K^{-1} r``
+with Adam, which is invariant to the overall scale), whose tau is the paper's tau
+divided by the training-set size N ("scaled by a factor N"). For IVON, whose
+posterior targets exp(-ess * loss), the term enters the negative log joint as
+``ess * tau / 2 * sum_s r_s^T K_s^{-1} r_s``; since ``K_s = J_s Sigma_s J_s^T`` it
+approximates the weight-space prior ``(w - mu_s)^T Sigma_s^{-1} (w - mu_s) / 2`` in the
+directions of the memorable outputs when ``tau = 1 / ess`` (the Bayesian weight).
+
+Values. FROMP used tau = 10 (split MNIST) and 0.5 (permuted MNIST) with a Laplace-GGN
+covariance and Adam; they do not transfer. The term's curvature in the memorable
+directions is about ``tau * ess * (h + delta)`` per class block, against the data's
+``h`` that IVON preconditions with, so large tau makes IVON's steps unstable (the run
+collapses to chance): tau of order 1e-4 to 1e-3 with ess ~ 1e4 (``strategies/ivon-fromp.toml``
+and ``bayes-cl.toml`` hold the values chosen on validation data, with the evidence). The
+kernel jitter ``eps`` matters for the same reason: for confidently predicted classes
+``J Sigma J^T`` is tiny, FROMP's eps = 1e-5 then weighs the sampled network's (non-linear)
+softmax residuals by up to 1e5; eps = 1e-3 bounds that and kept tau up to 1e-3 stable.
+
+Selection (``selection``): the selectors of ``cl_bayes.avalanche.memory`` (the same as
+``ivon-replay``'s), class-balanced, scored at the posterior mean:
+
+* ``sensitivity`` (default): memory-perturbation sensitivity
+  ``S_i = sum_c |e_ic lam_ic v_ic|`` under the IVON posterior (variance estimator
+  ``estimator``, ``last_layer`` by default: one forward pass);
+* ``lambda``: FROMP's own choice, the trace of the softmax Hessian ``sum_c p_c - p_c^2``;
+* ``random``: uniform, seeded by ``seed`` and the experience id; (``herding`` also works).
+
+The experience's inputs are read with ``cl_bayes.avalanche.memory.experience_data``
+(its tensors straight from the dataset tree; no draw from the global RNG, so with
+tau = 0 a run is exactly plain IVON's).
+
+Task-incremental models (``TaskMaskedModel``): memories are scored and regularised on
+the plain network with each stored example's class mask (its task's classes), so the
+softmax, residuals and kernels are over the task's classes only.
+
+The memories and their kernels are evaluated with the network in eval mode (as in
+FROMP; no difference for the MLPs here), and the mode is restored.
+"""
+
+from __future__ import annotations
+
+import torch
+from avalanche.training.plugins import SupervisedPlugin
+from torch import Tensor
+
+from cl_bayes.avalanche.memory import SELECTIONS, ExperienceData, Selector, experience_data, make_selector
+from cl_bayes.avalanche.models import class_mask, unwrap
+from cl_bayes.fromp import FunctionalPrior, KernelForm
+
+ESTIMATORS = ("last_layer", "exact", "samples")
+
+
+def gather_inputs(data: ExperienceData, chosen: Tensor) -> Tensor:
+    """The inputs of the examples at dataset positions ``chosen`` (distinct), in that order."""
+    first = data.blocks[0][0]
+    out = first.new_empty((len(chosen), *first.shape[1:]))
+    row_of = torch.full((len(data.y),), -1, dtype=torch.long)
+    row_of[chosen] = torch.arange(len(chosen))
+    for inputs, positions in data.blocks:
+        rows = row_of[positions]
+        keep = rows >= 0
+        out[rows[keep]] = inputs[keep]
+    return out
+
+
+def _posterior(strategy):
+    posterior = getattr(strategy.optimizer, "posterior", None)
+    if posterior is None:
+        raise TypeError(
+            "FunctionalRegularisationPlugin needs an optimizer with a Gaussian posterior "
+            f"(cl_bayes.ivon.IVON), got {type(strategy.optimizer).__name__}"
+        )
+    return posterior
+
+
+class FunctionalRegularisationPlugin(SupervisedPlugin):
+    """FROMP's functional prior over a memory chosen at the end of each experience.
+
+    Hooks: ``before_backward`` (adds the term) and ``after_training_exp`` (memory and
+    kernel); see the module docstring for their order, the tau convention and the
+    selections. ``memory_size`` examples are kept per experience; ``selector`` (a
+    ``cl_bayes.avalanche.memory.Selector``) replaces the one named by ``selection``.
+    """
+
+    def __init__(
+        self,
+        *,
+        tau: float,
+        memory_size: int,
+        kernel: KernelForm = "block",
+        eps: float = 1e-3,
+        selection: str = "sensitivity",
+        estimator: str = "last_layer",
+        seed: int = 0,
+        chunk_size: int | None = None,
+        selector: Selector | None = None,
+    ):
+        super().__init__()
+        if isinstance(memory_size, bool) or not isinstance(memory_size, int) or memory_size < 1:
+            raise ValueError(f"memory_size must be a positive int, got {memory_size!r}")
+        if selector is None:
+            selector = make_selector(selection, seed=seed, estimator=estimator)
+        self.prior = FunctionalPrior(tau=tau, kernel=kernel, eps=eps, chunk_size=chunk_size)
+        self.memory_size = memory_size
+        self.selector = selector
+        self.memory_indices: list[Tensor] = []  # per past experience: indices into its training dataset
+        self.last_penalty: Tensor | None = None  # the term added at the latest step (detached)
+
+    # -- hook 1: every training step ---------------------------------------------
+    def before_backward(self, strategy, **kwargs):
+        if not len(self.prior):
+            return
+        net = unwrap(strategy.model)
+        was_training = net.training
+        net.eval()
+        try:
+            penalty = self.prior(net)
+        finally:
+            net.train(was_training)
+        strategy.loss += penalty
+        self.last_penalty = penalty.detach()
+
+    # -- hook 2: end of each experience ------------------------------------------
+    def after_training_exp(self, strategy, **kwargs):
+        posterior = _posterior(strategy)
+        experience = strategy.experience
+        chosen = self.selector(strategy, experience, self.memory_size)
+        data = experience_data(experience)
+        net = unwrap(strategy.model)
+        device = next(net.parameters()).device
+        x = gather_inputs(data, chosen).to(device)
+        mask = class_mask(strategy.model, data.t[chosen].to(device), len(chosen))
+        was_training = net.training
+        net.eval()
+        try:
+            self.prior.add_task(net, posterior, x, class_mask=mask)
+        finally:
+            net.train(was_training)
+        self.memory_indices.append(chosen)
+
+
+__all__ = ["ESTIMATORS", "SELECTIONS", "FunctionalRegularisationPlugin", "gather_inputs"]

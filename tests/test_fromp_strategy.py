@@ -1,0 +1,154 @@
+"""FROMP with the IVON posterior inside real Avalanche templates: the plugin, ivon-fromp and bayes-cl."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from avalanche.training.plugins import SupervisedPlugin
+
+from cl_bayes.avalanche import runner
+from cl_bayes.avalanche.benchmarks import build_benchmark
+from cl_bayes.avalanche.fromp_plugin import FunctionalRegularisationPlugin
+from cl_bayes.avalanche.ivon_strategy import IVONStrategy
+from cl_bayes.avalanche.memory import experience_data
+from cl_bayes.avalanche.models import TaskMaskedModel
+from cl_bayes.config import ConfigError, RunConfig
+from cl_bayes.ivon import IVON
+from cl_bayes.models import MLP
+from cl_bayes.results import validate
+
+MEMORY = 10  # per experience
+
+
+@pytest.fixture(scope="module")
+def bundle(mnist_root):
+    config = RunConfig(benchmark="split-mnist", strategy="ivon-fromp", seed=0, train_per_experience=300,
+                       test_per_experience=100)
+    return build_benchmark(config, data_root=mnist_root)
+
+
+def make_strategy(bundle, *plugins, tau=1e-3):
+    torch.manual_seed(0)
+    model = TaskMaskedModel(MLP(in_features=784, hidden=[32], num_classes=10), bundle.class_masks)
+    optimizer = IVON(model.parameters(), lr=0.1, ess=len(bundle.train[0].y), hess_init=0.1)
+    fromp = FunctionalRegularisationPlugin(tau=tau, memory_size=MEMORY, kernel="block", eps=1e-3)
+    strategy = IVONStrategy(model=model, optimizer=optimizer, test_samples=2, train_mb_size=64, train_epochs=1,
+                            eval_mb_size=500, evaluator=None, plugins=[fromp, *plugins])
+    return strategy, fromp
+
+
+class Spy(SupervisedPlugin):
+    """Listed after the FROMP plugin: sees the loss after it added its term."""
+
+    def __init__(self, fromp):
+        super().__init__()
+        self.fromp = fromp
+        self.at_mean_first_step = []  # the prior at the posterior mean, first iteration of each experience
+        self.checks = []  # (loss, criterion, penalty) per step once a task is stored
+
+    def before_training_iteration(self, strategy, **kwargs):
+        if strategy.clock.train_exp_iterations == 0 and len(self.fromp.prior):
+            self.at_mean_first_step.append(float(self.fromp.prior(strategy.model.net)))
+
+    def before_backward(self, strategy, **kwargs):
+        if len(self.fromp.prior):
+            self.checks.append((float(strategy.loss), float(strategy.criterion()), float(self.fromp.last_penalty)))
+
+
+def test_memory_and_one_kernel_per_experience(bundle):
+    strategy, fromp = make_strategy(bundle)
+    for exp in bundle.benchmark.train_stream[:3]:
+        strategy.train(exp)
+    assert len(fromp.prior) == 3 and len(fromp.memory_indices) == 3
+    for t, (task, chosen) in enumerate(zip(fromp.prior.tasks, fromp.memory_indices, strict=True)):
+        assert task.inputs.shape == (MEMORY, 1, 28, 28)
+        assert task.kernel.shape == task.kernel_inverse.shape == (10, MEMORY, MEMORY)  # block: one per class
+        assert torch.equal(task.class_mask, bundle.class_masks[t].expand(MEMORY, -1))  # the task's two classes
+        data = experience_data(bundle.benchmark.train_stream[t])  # indices are into the experience's dataset
+        counts = torch.bincount(data.y[chosen], minlength=10)
+        assert counts[bundle.class_masks[t]].tolist() == [MEMORY // 2] * 2 and counts.sum() == MEMORY  # balanced
+        assert torch.equal(task.inputs, data.x()[chosen])  # the stored examples are the chosen ones
+        assert torch.all(task.probs[:, ~bundle.class_masks[t]] == 0)
+        assert torch.allclose(task.probs.sum(1), torch.ones(MEMORY))
+
+
+def test_functional_term_is_in_the_loss_and_vanishes_at_the_stored_weights(bundle):
+    strategy, fromp = make_strategy(bundle)
+    spy = Spy(fromp)
+    strategy.plugins.append(spy)
+    strategy.train(bundle.benchmark.train_stream[0])
+    assert fromp.last_penalty is None and not spy.checks  # experience 1: nothing to regularise towards
+    strategy.train(bundle.benchmark.train_stream[1])
+    # before any update of experience 2 the weights are the stored posterior mean: zero residuals
+    assert spy.at_mean_first_step == [0.0]
+    assert spy.checks
+    for loss, criterion, penalty in spy.checks:
+        assert loss == pytest.approx(criterion + penalty, rel=1e-5, abs=1e-6)
+        assert penalty > 0  # IVON regularises the sampled network, whose outputs moved
+    assert float(fromp.prior(strategy.model.net)) > 0  # after training on experience 2 they moved
+
+
+def test_plugin_kernel_uses_the_posterior_before_accumulation(bundle):
+    from cl_bayes.avalanche.ivon_strategy import NaturalParameterAccumulation
+    from cl_bayes.fromp import fromp_kernel
+
+    seen = []
+
+    class Before(SupervisedPlugin):
+        def after_training_exp(self, strategy, **kwargs):
+            seen.append(strategy.optimizer.posterior)
+
+    torch.manual_seed(0)
+    strategy, fromp = make_strategy(bundle)
+    strategy.plugins[:0] = [Before()]
+    strategy.plugins.append(NaturalParameterAccumulation())
+    strategy.train(bundle.benchmark.train_stream[0])
+    task = fromp.prior.tasks[0]
+    expected = fromp_kernel(strategy.model.net, seen[0], x=task.inputs, form="block", class_mask=task.class_mask,
+                            eps=1e-3)
+    assert torch.allclose(task.kernel, expected, rtol=1e-4, atol=1e-7)
+    after = fromp_kernel(strategy.model.net, strategy.optimizer.posterior, x=task.inputs, form="block",
+                         class_mask=task.class_mask, eps=1e-3)
+    assert not torch.allclose(task.kernel, after, rtol=1e-2)  # accumulation did change the posterior
+
+
+@pytest.mark.parametrize(("strategy", "parent"), [("ivon-fromp", "ivon"), ("bayes-cl", "ivon-prior")])
+def test_tau_zero_is_exactly_the_parent_strategy(strategy, parent, make_config, mnist_root):
+    """The plugin draws nothing from the global RNG and changes nothing but the loss."""
+    same = dict(lr=0.1, beta2=0.999, test_samples=3)
+    ours = runner.run(make_config(strategy, tau=0.0, memory_size=MEMORY, **same))
+    theirs = runner.run(make_config(parent, **same))
+    assert ours["accuracy_matrix"] == theirs["accuracy_matrix"]
+
+
+@pytest.mark.parametrize(("strategy", "bench", "extra", "learns"), [
+    ("ivon-fromp", "split-mnist", {"train_per_experience": 1000, "epochs": 2}, 0.9),
+    ("bayes-cl", "split-mnist", {"selection": "lambda"}, None),
+    ("ivon-fromp", "split-mnist-ci", {"selection": "random", "kernel": "full"}, None),
+    ("bayes-cl", "permuted-mnist", {"memory_size": 8, "test_per_experience": 200}, None),
+])
+def test_strategies_run_and_report(strategy, bench, extra, learns, make_config, mnist_root):
+    cfg = make_config(strategy, benchmark=bench, **extra)
+    result = runner.run(cfg)
+    validate(result)
+    json.loads(json.dumps(result, allow_nan=False))
+    matrix = result["accuracy_matrix"]
+    n = 10 if bench == "permuted-mnist" else 5
+    assert len(matrix) == n and all(len(row) == n for row in matrix)
+    assert all(0 <= v <= 1 for row in matrix for v in row)
+    assert result["memory_size"] == cfg.params["memory_size"]
+    if learns:  # masked two-way tasks: chance is 0.5
+        assert matrix[0][0] > learns and result["metrics"]["average_accuracy"] > learns
+
+
+def test_specs_resolve_with_the_documented_memory_sizes(make_config):
+    for strategy in ("ivon-fromp", "bayes-cl"):
+        assert make_config(strategy).params["memory_size"] == 40
+        assert make_config(strategy, benchmark="split-mnist-ci").params["memory_size"] == 40
+        assert make_config(strategy, benchmark="permuted-mnist").params["memory_size"] == 200
+        assert make_config(strategy).params["selection"] == "sensitivity"
+    for bad in ({"kernel": "diag"}, {"selection": "best"}, {"tau": -1.0}, {"eps": 0.0}, {"memory_size": 0}):
+        with pytest.raises(ConfigError):
+            make_config("ivon-fromp", **bad)
