@@ -109,8 +109,10 @@ def cmd_suite(args) -> int:
     print(text)
     summary = Path(args.results) / suite.protocol / f"SUMMARY-{Path(args.suite_file).stem}.md"
     if todo:
-        summary.parent.mkdir(parents=True, exist_ok=True)
-        summary.write_text(f"# Suite {Path(args.suite_file).stem} ({suite.protocol})\n\n{text}")
+        from cl_bayes.results import write_bytes_atomic
+
+        heading = f"# Suite {Path(args.suite_file).stem} ({suite.protocol})\n\n"
+        write_bytes_atomic(summary, (heading + text).encode(), overwrite=True)
     if failures:
         raise UserError(f"{len(failures)} of {len(todo)} runs failed: " + "; ".join(f["label"] for f in failures))
     return 0

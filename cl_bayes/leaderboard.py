@@ -17,7 +17,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
@@ -28,7 +27,7 @@ import pandas as pd
 from cl_bayes import metrics as M
 from cl_bayes.protocols import BENCHMARKS as _BENCHMARKS
 from cl_bayes.protocols import PROTOCOLS
-from cl_bayes.results import ResultsError, load, result_path, validate, write_atomic
+from cl_bayes.results import ResultsError, load, result_path, validate, write_atomic, write_bytes_atomic
 
 # Registered names come from the benchmark registry.
 BENCHMARKS: tuple[str, ...] = tuple(_BENCHMARKS)
@@ -261,22 +260,6 @@ def leaderboard_markdown(board: pd.DataFrame, *, command: str = REGENERATE_COMMA
     return "\n".join(lines)
 
 
-def _write_text_atomic(path: Path, text: str) -> Path:
-    """Replace ``path`` with ``text`` through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
 def write_leaderboard(
     results_root: str | os.PathLike,
     md_path: str | os.PathLike | None = None,
@@ -293,8 +276,9 @@ def write_leaderboard(
     md_path = Path(md_path) if md_path is not None else root / MD_NAME
     csv_path = Path(csv_path) if csv_path is not None else root / CSV_NAME
     board = build_leaderboard(root)
-    _write_text_atomic(md_path, leaderboard_markdown(board, command=command, source=str(results_root)))
-    _write_text_atomic(csv_path, board.to_csv(index=False, lineterminator="\n"))
+    markdown = leaderboard_markdown(board, command=command, source=str(results_root))
+    write_bytes_atomic(md_path, markdown.encode(), overwrite=True)
+    write_bytes_atomic(csv_path, board.to_csv(index=False, lineterminator="\n").encode(), overwrite=True)
     return [md_path, csv_path]
 
 

@@ -21,9 +21,9 @@ one protocol and benchmark (results dicts as returned by
 
 from __future__ import annotations
 
+import io
 import math
 import os
-import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -39,6 +39,7 @@ from matplotlib.patches import Patch
 
 from cl_bayes import metrics as M
 from cl_bayes.leaderboard import BENCHMARKS, PROTOCOLS, _order, load_runs
+from cl_bayes.results import write_bytes_atomic
 
 DPI = 150
 FIGURE_KINDS = ("curve", "matrix", "cost", "reliability", "forgetting")
@@ -314,19 +315,11 @@ FIGURES: dict[str, Callable[[Runs, dict[str, str]], Figure | None]] = {
 
 
 def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
-    """Render ``fig`` to a PNG at ``path`` through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Render ``fig`` to a PNG at ``path`` atomically (replacing an older plot)."""
     FigureCanvasAgg(fig)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=DPI)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI)
+    return write_bytes_atomic(path, buffer.getvalue(), overwrite=True)
 
 
 def group_runs(runs: Runs) -> dict[tuple[str, str], Runs]:

@@ -43,30 +43,30 @@ def result_path(root: str | os.PathLike, protocol: str, benchmark: str, strategy
     return Path(root) / protocol / benchmark / strategy / f"seed{seed}.json"
 
 
-def write_atomic(path: str | os.PathLike, data: dict[str, Any], *, overwrite: bool = False) -> Path:
-    """Write JSON to ``path`` through a temporary file and a rename.
+def write_bytes_atomic(path: str | os.PathLike, data: bytes, *, overwrite: bool = False) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder, then a rename.
 
-    Readers never see a half-written file. An existing file is kept and
-    ``ResultsError`` raised unless ``overwrite`` is true.
+    Readers never see a half-written file, and the file is readable under the
+    user's umask (mkstemp alone makes 0600 files). Without ``overwrite`` an
+    existing file is kept and ``ResultsError`` raised; the final ``link`` also
+    fails if the file appeared meanwhile, so nothing is ever silently replaced.
     """
     path = Path(path)
     if path.exists() and not overwrite:
         raise ResultsError(f"{path} exists; pass --overwrite to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(data, indent=1, allow_nan=False) + "\n"
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         umask = os.umask(0)
         os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600 files; results are for everyone to read
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        os.fchmod(fd, 0o666 & ~umask)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         if overwrite:
             os.replace(tmp, path)
         else:
-            # link() fails if the target appeared meanwhile: no silent overwrite.
             try:
                 os.link(tmp, path)
             except FileExistsError:
@@ -75,6 +75,12 @@ def write_atomic(path: str | os.PathLike, data: dict[str, Any], *, overwrite: bo
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def write_atomic(path: str | os.PathLike, data: dict[str, Any], *, overwrite: bool = False) -> Path:
+    """Write ``data`` as JSON with ``write_bytes_atomic`` (no overwrite unless asked; NaN is an error)."""
+    text = json.dumps(data, indent=1, allow_nan=False) + "\n"
+    return write_bytes_atomic(path, text.encode(), overwrite=overwrite)
 
 
 def validate(data: Any, *, source: str = "results") -> dict[str, Any]:

@@ -10,10 +10,8 @@ is reported and leaves no results file; the suite goes on with the others.
 
 from __future__ import annotations
 
-import dataclasses
 import multiprocessing
 import os
-import sys
 import time
 import traceback
 from collections.abc import Callable, Iterable
@@ -209,13 +207,5 @@ def summary_markdown(frame, *, command: str, wall_s: float | None = None) -> str
     return "\n".join(lines)
 
 
-def with_fields(request: RunRequest, **changes) -> RunRequest:
-    return dataclasses.replace(request, **changes)
-
-
 def default_jobs() -> int:
     return max(1, min(2, os.cpu_count() or 1))
-
-
-def eprint(*args) -> None:
-    print(*args, file=sys.stderr, flush=True)

@@ -56,11 +56,14 @@ subcommand does not slow down the CLI's start.
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from cl_bayes.results import ResultsError, write_bytes_atomic
 
 DEFAULT_STRATEGY = "ivon-prior"
 CHECKPOINT_VERSION = 1
@@ -392,21 +395,15 @@ def scatter_png(path: str | os.PathLike, summary: dict, arrays: dict, *, overwri
         f"{summary['strategy']} on {summary['benchmark']} ({summary['protocol']}), seed {summary['seed']}\n"
         f"estimate {t['estimate']:.2f} s vs retraining {t['retrain']:.2f} s", fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
+    buffer = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=110)
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise WhatIfError(f"{path} exists; pass --overwrite to replace it") from None
+        fig.savefig(buffer, format="png", dpi=110)
     finally:
         plt.close(fig)
-        if tmp.exists():
-            tmp.unlink()
+    try:
+        write_bytes_atomic(path, buffer.getvalue(), overwrite=overwrite)
+    except ResultsError as e:
+        raise WhatIfError(str(e)) from None
     return path
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -165,7 +166,7 @@ def test_a_failed_run_is_reported_and_leaves_no_file(tmp_path, mnist_root):
     root = tmp_path / "results"
     bad = S.RunRequest(strategy="naive", benchmark="split-mnist", seed=0, protocol="quick", results_root=str(root),
                        overrides=(*TINY.items(), ("lr", 1e30)))
-    typo = S.with_fields(bad, overrides=(("bogus", 1),), seed=1)
+    typo = dataclasses.replace(bad, overrides=(("bogus", 1),), seed=1)
     outcomes = []
     S.run_local([bad, typo], jobs=1, on_result=outcomes.append)
     assert [o["status"] for o in outcomes] == ["failed", "failed"]
