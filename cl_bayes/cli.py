@@ -1,7 +1,7 @@
 """The ``cl-bayes`` command.
 
     cl-bayes run --strategy S --benchmark B --seed K [--protocol quick|paper] [--set key=value ...]
-    cl-bayes suite benchmarks/suites/default.toml [--jobs N] [--executor local|ray]
+    cl-bayes suite benchmarks/suites/default.toml [--jobs N] [--executor local|ray] [--only-strategy S ...]
     cl-bayes leaderboard | cl-bayes submit FILE... | cl-bayes plots
     cl-bayes whatif --benchmark B --remove-class C [--verify]
     cl-bayes list
@@ -76,14 +76,16 @@ def cmd_suite(args) -> int:
     from cl_bayes.avalanche import strategies
 
     suite = S.load_suite(args.suite_file, strategies.names())
+    part = S.restrict(suite, strategies=args.only_strategy, benchmarks=args.only_benchmark, seeds=args.only_seed)
     jobs = args.jobs or S.default_jobs()
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    todo, done = S.plan(suite, results_root=args.results, data_root=args.data_root, specs=args.specs,
+    todo, done = S.plan(part, results_root=args.results, data_root=args.data_root, specs=args.specs,
                         overrides=_overrides(args), device=args.device, threads=threads, overwrite=args.overwrite)
     for r in todo:  # fail fast on bad specs, before hours of work
         S.resolve_request(r)
     parallel = jobs if args.executor == "local" else (args.jobs or "all CPUs")
-    print(f"suite {args.suite_file}: {len(todo)} runs to do, {len(done)} already done "
+    what = "" if part == suite else " (part)"
+    print(f"suite {args.suite_file}{what}: {len(todo)} runs to do, {len(done)} already done "
           f"({args.executor} executor, {parallel} in parallel)", flush=True)
     failures = []
     start = time.perf_counter()
@@ -189,6 +191,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--jobs", type=int, default=None, help="parallel runs (default: min(2, cores))")
     s.add_argument("--executor", default="local", choices=["local", "ray"])
     s.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
+    for flag, kind, conv in (("strategy", "strategy", str), ("benchmark", "benchmark", str), ("seed", "seed", int)):
+        s.add_argument(f"--only-{flag}", action="append", default=[], type=conv, metavar=kind.upper(),
+                       help=f"run only this {kind} of the suite (repeatable); the summary covers the whole suite")
     _common(s)
     s.set_defaults(func=cmd_suite)
 

@@ -2,7 +2,8 @@
 
 A suite file (``benchmarks/suites/*.toml``) names a protocol, seeds,
 benchmarks and strategies. ``plan`` lists the runs whose results file does not
-exist yet, so an interrupted suite resumes where it stopped. Executors run
+exist yet, so an interrupted suite resumes where it stopped; ``restrict`` runs a
+part of a suite (some strategies, benchmarks or seeds) into the same files. Executors run
 ``execute`` on each planned run: ``local`` (a pool of local processes, each
 importing Avalanche once) or ``ray`` (``cl_bayes.ray_executor``). A failed run
 is reported and leaves no results file; the suite goes on with the others.
@@ -10,6 +11,7 @@ is reported and leaves no results file; the suite goes on with the others.
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import os
 import time
@@ -55,6 +57,33 @@ def load_suite(path: str | os.PathLike, known_strategies: Iterable[str]) -> Suit
     if not suite.seeds or not suite.benchmarks or not suite.strategies:
         raise ConfigError(f"{path}: seeds, benchmarks and strategies must not be empty")
     return suite
+
+
+def restrict(
+    suite: Suite,
+    *,
+    strategies: Iterable[str] = (),
+    benchmarks: Iterable[str] = (),
+    seeds: Iterable[int] = (),
+) -> Suite:
+    """The part of ``suite`` named by the filters (an empty filter keeps everything), in the suite's order.
+
+    A name or seed that the suite does not have is an error, not an empty plan.
+    """
+
+    def keep(kind: str, wanted: Iterable, allowed: list) -> list:
+        wanted = list(wanted)
+        for value in wanted:
+            if value not in allowed:
+                raise ConfigError(f"{kind} {value!r} is not in the suite (it has: {', '.join(map(str, allowed))})")
+        return [a for a in allowed if a in wanted] if wanted else list(allowed)
+
+    return dataclasses.replace(
+        suite,
+        strategies=keep("strategy", strategies, suite.strategies),
+        benchmarks=keep("benchmark", benchmarks, suite.benchmarks),
+        seeds=keep("seed", seeds, suite.seeds),
+    )
 
 
 @dataclass(frozen=True)

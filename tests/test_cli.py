@@ -232,3 +232,11 @@ def test_the_entry_point_in_a_subprocess(tmp_path, mnist_root):
     assert proc.stdout.startswith(f"{path}: average accuracy ")
     assert proc.stderr == ""
     assert validate(json.loads(path.read_text()))["config"]["train_per_experience"] == TINY["train_per_experience"]
+
+
+def test_suite_part_outside_the_suite_is_one_error_line(tmp_path, capsys):
+    code = main(["suite", str(Path(__file__).parents[1] / "benchmarks/suites/default.toml"), "--results",
+                 str(tmp_path), "--only-strategy", "gem", "--only-benchmark", "split-cifar10"])
+    assert code == 2
+    assert "benchmark 'split-cifar10' is not in the suite" in one_error_line(capsys)
+    assert files_under(tmp_path) == []

@@ -173,3 +173,17 @@ def test_a_failed_run_is_reported_and_leaves_no_file(tmp_path, mnist_root):
     assert "NonFiniteLossError" in outcomes[0]["error"]
     assert "ConfigError" in outcomes[1]["error"] and "bogus" in outcomes[1]["error"]
     assert not root.exists() or not list(root.rglob("*.json"))
+
+
+def test_restrict_keeps_the_suite_order_and_refuses_names_outside_it():
+    suite = S.Suite(protocol="paper", seeds=[0, 1, 2], benchmarks=["split-mnist", "permuted-mnist"],
+                    strategies=["naive", "ewc", "replay"])
+    part = S.restrict(suite, strategies=["replay", "naive"], seeds=[2])
+    assert part == dataclasses.replace(suite, strategies=["naive", "replay"], seeds=[2])
+    assert S.restrict(suite) == suite
+    todo, _ = S.plan(S.restrict(suite, benchmarks=["permuted-mnist"], strategies=["ewc"]), results_root="r")
+    assert [(r.benchmark, r.strategy, r.seed) for r in todo] == [("permuted-mnist", "ewc", k) for k in (0, 1, 2)]
+    with pytest.raises(ConfigError, match="strategy 'lwf' is not in the suite"):
+        S.restrict(suite, strategies=["lwf"])
+    with pytest.raises(ConfigError, match="seed 7 is not in the suite"):
+        S.restrict(suite, seeds=[7])
