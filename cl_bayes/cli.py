@@ -110,7 +110,7 @@ def cmd_suite(args) -> int:
     text = S.summary_markdown(frame, command=command, wall_s=wall if todo and not done else None)
     print(text)
     summary = Path(args.results) / suite.protocol / f"SUMMARY-{Path(args.suite_file).stem}.md"
-    if todo:
+    if not frame.empty:  # the whole suite's results so far, also when this call had nothing left to run
         from cl_bayes.results import write_bytes_atomic
 
         heading = f"# Suite {Path(args.suite_file).stem} ({suite.protocol})\n\n"

@@ -240,3 +240,17 @@ def test_suite_part_outside_the_suite_is_one_error_line(tmp_path, capsys):
     assert code == 2
     assert "benchmark 'split-cifar10' is not in the suite" in one_error_line(capsys)
     assert files_under(tmp_path) == []
+
+
+def test_a_finished_suite_still_writes_its_summary(finished, tmp_path):
+    _, path, _ = finished
+    root = tmp_path / "results"
+    copy = result_path(root, "quick", "split-mnist", "naive", 3)
+    copy.parent.mkdir(parents=True)
+    shutil.copy(path, copy)
+    suite_file = tmp_path / "one.toml"
+    suite_file.write_text('protocol = "quick"\nseeds = [3]\nbenchmarks = ["split-mnist"]\nstrategies = ["naive"]\n')
+    assert main(["-q", "suite", str(suite_file), "--results", str(root)]) == 0
+    summary = (root / "quick" / "SUMMARY-one.md").read_text()
+    accuracy = 100 * load(copy)["metrics"]["average_accuracy"]
+    assert f"| naive | 1 | {accuracy:.2f} |" in summary
