@@ -176,3 +176,39 @@ def test_the_guard_rejects_only_non_finite_losses():
         fake.loss = torch.tensor(bad)
         with pytest.raises(NonFiniteLossError):
             guard.before_backward(fake)
+
+
+def _agem_after_backward(plugin, grad: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Run a plugin's after_backward on a one-parameter model whose gradient is ``grad``."""
+    from types import SimpleNamespace
+
+    weight = torch.nn.Parameter(torch.zeros(grad.numel()))
+    weight.grad = grad.clone()
+    plugin.buffers = [object()]  # one past experience
+    plugin.reference_gradients = ref
+    plugin.after_backward(SimpleNamespace(model=torch.nn.ParameterList([weight]), device="cpu"))
+    return weight.grad
+
+
+def test_guarded_agem_projects_conflicting_gradients_and_survives_a_vanishing_reference():
+    from cl_bayes.avalanche.strategies import GuardedAGEMPlugin
+
+    def plugin(cls):
+        return cls(patterns_per_experience=1, sample_size=1)
+
+    g, ref = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([0.5, 1.0, 0.0])
+    projected = _agem_after_backward(plugin(GuardedAGEMPlugin), g, ref)
+    expected = g - (g @ ref) / (ref @ ref) * ref
+    assert torch.allclose(projected, expected) and abs(float(projected @ ref)) < 1e-6
+    torch.testing.assert_close(projected, _agem_after_backward(plugin(AGEMPlugin), g, ref))  # same maths
+    agreeing = torch.tensor([1.0, 2.0, 0.0])
+    assert torch.equal(_agem_after_backward(plugin(GuardedAGEMPlugin), agreeing, ref), agreeing)  # g . ref >= 0
+    # a fitted memory: ref's squared norm underflows in float32 (1e-46 -> 0) while g . ref does not
+    tiny = torch.tensor([1e-23, 0.0, 0.0])
+    conflicting = torch.tensor([-1.0, 1.0, 0.0])
+    assert not torch.isfinite(_agem_after_backward(plugin(AGEMPlugin), conflicting, tiny)).all()  # Avalanche 0.6
+    guarded = _agem_after_backward(plugin(GuardedAGEMPlugin), conflicting, tiny)
+    assert torch.isfinite(guarded).all()
+    assert torch.allclose(guarded, torch.tensor([0.0, 1.0, 0.0]))  # the component along ref removed
+    zero = torch.zeros(3)
+    assert torch.equal(_agem_after_backward(plugin(GuardedAGEMPlugin), conflicting, zero), conflicting)

@@ -233,9 +233,36 @@ def _replay(ctx: BuildContext):
     return Naive(optimizer=ctx.adam(), plugins=with_plugins(ctx, plugin), **ctx.template_args())
 
 
+class GuardedAGEMPlugin(AGEMPlugin):
+    """Avalanche 0.6's A-GEM with its projection safe against a vanishing reference gradient.
+
+    Hook ``after_backward`` (replaces Avalanche's; the reference gradient is still
+    Avalanche's, from ``before_training_iteration``). When ``g . g_ref < 0`` A-GEM
+    steps along ``g - (g . g_ref / g_ref . g_ref) g_ref``. Avalanche divides in
+    float32: once the memory is fit, ``g_ref . g_ref`` underflows to 0 while
+    ``g . g_ref`` does not, and the step is infinite (seen: split-mnist, paper
+    protocol, seed 1, a NaN loss in experience 1). Here both dot products are
+    float64, and a zero reference gradient leaves ``g`` as it is.
+    """
+
+    def after_backward(self, strategy, **kwargs):
+        if len(self.buffers) == 0:
+            return
+        params = list(strategy.model.parameters())
+        grad = torch.cat([p.new_zeros(p.numel()) if p.grad is None else p.grad.reshape(-1) for p in params])
+        ref = self.reference_gradients.double()
+        dot, ref_sq = torch.dot(grad.double(), ref), torch.dot(ref, ref)
+        if dot >= 0 or ref_sq == 0:
+            return
+        projected = (grad.double() - (dot / ref_sq) * ref).to(grad.dtype)
+        for p, g in zip(params, projected.split([p.numel() for p in params]), strict=True):
+            if p.grad is not None:
+                p.grad.copy_(g.view_as(p))
+
+
 @register("agem", AGEMParams, "A-GEM (Chaudhry et al., 2019)")
 def _agem(ctx: BuildContext):
-    plugin = AGEMPlugin(patterns_per_experience=ctx.params.memory_size, sample_size=ctx.params.sample_size)
+    plugin = GuardedAGEMPlugin(patterns_per_experience=ctx.params.memory_size, sample_size=ctx.params.sample_size)
     return Naive(optimizer=ctx.adam(), plugins=with_plugins(ctx, plugin), **ctx.template_args())
 
 
