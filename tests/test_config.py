@@ -86,8 +86,9 @@ def test_shipped_specs_resolve_for_every_benchmark_and_protocol():
             for protocol in PROTOCOLS:
                 c = C.resolve(benchmark=benchmark, strategy=name, seed=1, protocol=protocol,
                               params_cls=definition.params_cls, spec=spec, spec_path=path)
-                # what the file says for this benchmark wins over its top level
-                layer = {**raw, **raw.get("benchmark", {}).get(benchmark, {})}
+                # what the file says for this benchmark wins over its top level, and its protocol table over that
+                table = raw.get("benchmark", {}).get(benchmark, {})
+                layer = {**raw, **table, **table.get(protocol, {})}
                 for key in ("lr", "memory_size", "ewc_lambda"):
                     if key in layer:
                         got = c.lr if key == "lr" else c.params[key]
