@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _torch_threads import one_thread, torch_threads  # noqa: F401 (one_thread is a fixture)
 
 from cl_bayes.fromp import FunctionalPrior, reference_gradient_jacobian_loop
 from cl_bayes.ivon import IVON
@@ -48,32 +49,25 @@ VARIANTS = ("naive", "ivon", "memory-pass", "ivon-fromp", "jacobian-loop")
 ROUNDS = {"naive": 300, "ivon": 300, "memory-pass": 50, "ivon-fromp": 50, "jacobian-loop": 1}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def setting():
     """Model, optimizer, batch and a FunctionalPrior over 9 past experiences (built once, one thread)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # several threads on a shared machine made add_task ~8x slower
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     model = MLP(in_features=784, hidden=[100, 100], num_classes=CLASSES)
     optimizer = IVON(model.parameters(), lr=0.1, ess=60_000.0, hess_init=0.1, beta2=0.999)
     prior = FunctionalPrior(tau=1e-4, kernel="block", eps=1e-3)
-    for _ in range(PAST):
-        with torch.no_grad():  # a different posterior mean per past experience
-            for p in model.parameters():
-                p.add_(0.01 * torch.randn(p.shape, generator=gen))
-        prior.add_task(model, optimizer.posterior, torch.rand(MEMORY, 1, 28, 28, generator=gen))
+    with torch_threads(1):  # several threads on a shared machine made add_task ~8x slower
+        for _ in range(PAST):
+            with torch.no_grad():  # a different posterior mean per past experience
+                for p in model.parameters():
+                    p.add_(0.01 * torch.randn(p.shape, generator=gen))
+            prior.add_task(model, optimizer.posterior, torch.rand(MEMORY, 1, 28, 28, generator=gen))
     x = torch.rand(BATCH, 1, 28, 28, generator=gen)
     y = torch.randint(0, CLASSES, (BATCH,), generator=gen)
-    torch.set_num_threads(threads)
     return model, optimizer, prior, x, y
 
 

@@ -32,7 +32,7 @@ import time
 import warnings
 
 import pytest
-import torch
+from _torch_threads import torch_threads
 
 from cl_bayes import config as C
 from cl_bayes.avalanche import strategies
@@ -71,10 +71,8 @@ def setting():
 
 @pytest.fixture(params=THREADS, ids=lambda n: f"threads{n}")
 def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
+    with torch_threads(request.param):
+        yield request.param
 
 
 def train_once(strategy, experience) -> None:

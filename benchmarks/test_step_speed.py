@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from _torch_threads import one_thread  # noqa: F401 (a fixture)
 
 from cl_bayes.ivon import IVON
 
@@ -49,12 +50,7 @@ CASES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_step(name: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:

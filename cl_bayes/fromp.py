@@ -150,11 +150,6 @@ def apply_kernel_inverse(residual: Tensor, kernel_inverse: Tensor | None, form: 
     return torch.einsum("icd,id->ic", kernel_inverse, residual)
 
 
-def quadratic_form(residual: Tensor, kernel_inverse: Tensor | None, form: KernelForm) -> Tensor:
-    """r^T K^{-1} r, a scalar, for a residual r of shape (M, C)."""
-    return (residual * apply_kernel_inverse(residual, kernel_inverse, form)).sum()
-
-
 class FunctionalPrior:
     """FROMP regulariser: ``add_task`` after each experience, ``prior(model)`` while training.
 
