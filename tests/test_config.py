@@ -89,10 +89,12 @@ def test_shipped_specs_resolve_for_every_benchmark_and_protocol():
                 # what the file says for this benchmark wins over its top level, and its protocol table over that
                 table = raw.get("benchmark", {}).get(benchmark, {})
                 layer = {**raw, **table, **table.get(protocol, {})}
-                for key in ("lr", "memory_size", "ewc_lambda"):
-                    if key in layer:
-                        got = c.lr if key == "lr" else c.params[key]
-                        assert got == layer[key], (name, benchmark, protocol, key)
+                settings = {k: v for k, v in layer.items() if k not in ("description", "benchmark")
+                            and not isinstance(v, dict)}
+                assert settings, name
+                for key, value in settings.items():  # every setting, training field or hyper-parameter
+                    got = getattr(c, key) if key in C.TRAINING_FIELDS else c.params[key]
+                    assert got == value, (name, benchmark, protocol, key)
 
 
 def test_baseline_specs_exist():
