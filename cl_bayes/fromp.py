@@ -4,11 +4,11 @@ Pan, Swaroop, Immer, Eschenhagen, Turner & Khan (NeurIPS 2020), "Continual
 Deep Learning by Functional Regularisation of Memorable Past". Implemented
 from the paper.
 
-After experience s, with Gaussian posterior ``q_s = N(mu_s, Sigma_s)`` (our
-IVON posterior, a ``DiagonalGaussian``: Sigma_s = diag(variance), no separate
-Fisher pass) and a memory of M memorable inputs ``X_s`` (``memory.py``), the
-linearised network defines a Gaussian process over the softmax outputs
-``p(w, x)`` with
+After experience s, with Gaussian posterior ``q_s = N(mu_s, Sigma_s)`` (a
+``DiagonalGaussian``: our IVON posterior, with no separate Fisher pass, or
+FROMP's own diagonal Laplace-GGN posterior, ``cl_bayes.laplace``) and a memory
+of M memorable inputs ``X_s`` (``memory.py``), the linearised network defines a
+Gaussian process over the softmax outputs ``p(w, x)`` with
 
     mean      m_s = p(mu_s, X_s)                                     (M, C)
     kernel    K_s = J_s Sigma_s J_s^T + eps I,   J_s = d p(w, X_s) / d w |_{mu_s}
@@ -19,7 +19,10 @@ experience t > s the loss gains the functional prior term
     R(w) = tau / 2 * sum_{s < t} (m_s(w) - m_s)^T K_s^{-1} (m_s(w) - m_s),
     m_s(w) = p(w, X_s),
 
-whose gradient is ``tau sum_s J_s(w)^T K_s^{-1} (m_s(w) - m_s)``. K_s^{-1} is
+whose gradient is ``tau sum_s J_s(w)^T K_s^{-1} (m_s(w) - m_s)``. FROMP's paper
+and code anchor every past task at the *latest* posterior instead: at experience
+t, m_s and K_s are those of q_{t-1} (``reanchor`` recomputes them all; O(t) kernel
+builds per experience). K_s^{-1} is
 fixed (computed once per experience), so the gradient is obtained by
 differentiating R directly: one forward pass over all memories and one
 backward pass per step, cost O(M_total F) like a replay batch, instead of one
@@ -182,15 +185,10 @@ class FunctionalPrior:
         return len(self.tasks)
 
     @torch.no_grad()
-    def add_task(
-        self,
-        model: nn.Module,
-        posterior: DiagonalGaussian,
-        x: Tensor,
-        *,
-        class_mask: Tensor | None = None,
+    def _memorable_task(
+        self, model: nn.Module, posterior: DiagonalGaussian, x: Tensor, class_mask: Tensor | None
     ) -> MemorableTask:
-        """Store memory X_s, m_s = p(mu_s, X_s) and K_s^{-1}; Jacobians computed once, here."""
+        """X_s, m_s = p(mu, X_s) and K_s^{-1} under ``posterior``; Jacobians computed here, once."""
         num = sum(p.numel() for _, p in trainable_parameters(model))
         if posterior.mean.ndim != 1 or posterior.mean.numel() != num:
             raise ValueError(f"posterior has {posterior.mean.numel()} parameters, model has {num} trainable ones")
@@ -213,17 +211,39 @@ class FunctionalPrior:
                 eps=self.eps,
                 chunk_size=self.chunk_size,
             )
-        task = MemorableTask(
+        return MemorableTask(
             inputs=x,
             class_mask=class_mask.clone(),
             probs=masked_softmax(logits, class_mask),
             kernel=kernel,
             kernel_inverse=None if kernel is None else _inverse(kernel),
         )
+
+    def add_task(
+        self,
+        model: nn.Module,
+        posterior: DiagonalGaussian,
+        x: Tensor,
+        *,
+        class_mask: Tensor | None = None,
+    ) -> MemorableTask:
+        """Store memory X_s with m_s = p(mu_s, X_s) and K_s^{-1} under the posterior of experience s."""
+        task = self._memorable_task(model, posterior, x, class_mask)
         self.tasks.append(task)
         self._inputs = torch.cat([t.inputs for t in self.tasks])
         self._mask = torch.cat([t.class_mask for t in self.tasks])
         return task
+
+    def reanchor(self, model: nn.Module, posterior: DiagonalGaussian) -> None:
+        """Recompute every stored task's m_s and K_s^{-1} under ``posterior`` (FROMP's m_{t-1,s}, K_{t-1,s}).
+
+        FROMP's objective at experience t regularises towards the predictions of the
+        latest posterior q_{t-1} at every past memory, with q_{t-1}'s covariance in the
+        kernel, instead of keeping each task's values from the end of its own experience.
+        """
+        old, self.tasks = self.tasks, []
+        for task in old:
+            self.tasks.append(self._memorable_task(model, posterior, task.inputs, task.class_mask))
 
     def residuals(self, model: nn.Module) -> list[Tensor]:
         """r_s = m_s(w) - m_s per past task, from one forward pass over all memories."""

@@ -12,12 +12,23 @@
    with the data loss.
 2. ``after_training_exp`` (end of each experience): reads the experience's training
    examples, chooses ``memory_size`` of them (class-balanced, ``cl_bayes.memory``) by
-   ``selection``, then ``FunctionalPrior.add_task(net, optimizer.posterior, x, class_mask)``
-   stores their softmax outputs at the posterior mean and the inverse kernel
-   ``K_s^{-1}`` from the posterior covariance, computed once per experience. It reads
-   the posterior the strategy has *at the end of the experience*: list this plugin
-   before any plugin that changes the posterior in the same hook (natural-parameter
-   accumulation resets IVON's Hessian).
+   ``selection``, takes the posterior, then ``FunctionalPrior.add_task(net, posterior, x,
+   class_mask)`` stores their softmax outputs at the posterior mean and the inverse kernel
+   ``K_s^{-1}`` from the posterior covariance. The posterior is
+
+   * IVON's (``optimizer.posterior``, the default), or
+   * with ``laplace`` (a ``cl_bayes.laplace.DiagonalLaplace``), FROMP's own: the
+     diagonal Laplace-GGN posterior at the network's weights, whose GGN is first
+     accumulated over this experience's training data (in this hook, before the
+     kernels; FROMP with Adam).
+
+   With ``anchor="latest"`` (FROMP's objective) every past task's outputs and kernel
+   are first recomputed under this posterior (``FunctionalPrior.reanchor``), so the
+   term pulls towards the latest posterior's predictions; with ``"experience"`` each
+   task keeps those of the end of its own experience. It reads the posterior the
+   strategy has *at the end of the experience*: list this plugin before any plugin
+   that changes the posterior in the same hook (natural-parameter accumulation resets
+   IVON's Hessian).
 
 Scaling of tau (FROMP's convention). The strategy's loss is the *mean* cross-entropy
 over the mini-batch, and the plugin adds ``tau / 2 * sum_s r_s^T K_s^{-1} r_s`` to it;
@@ -67,6 +78,8 @@ FROMP; no difference for the MLPs here), and the mode is restored.
 
 from __future__ import annotations
 
+import time
+
 import torch
 from avalanche.training.plugins import SupervisedPlugin
 from torch import Tensor
@@ -74,8 +87,11 @@ from torch import Tensor
 from cl_bayes.avalanche.memory import SELECTIONS, ExperienceData, Selector, experience_data, make_selector
 from cl_bayes.avalanche.models import class_mask, unwrap
 from cl_bayes.fromp import FunctionalPrior, KernelForm
+from cl_bayes.laplace import DiagonalLaplace
 
 ESTIMATORS = ("last_layer", "exact", "samples")
+ANCHORS = ("experience", "latest")
+LAPLACE_BATCH = 1000  # examples per batch of the Laplace-GGN pass
 
 
 def gather_inputs(data: ExperienceData, chosen: Tensor) -> Tensor:
@@ -91,14 +107,24 @@ def gather_inputs(data: ExperienceData, chosen: Tensor) -> Tensor:
     return out
 
 
-def _posterior(strategy):
+def _optimizer_posterior(strategy):
     posterior = getattr(strategy.optimizer, "posterior", None)
     if posterior is None:
         raise TypeError(
             "FunctionalRegularisationPlugin needs an optimizer with a Gaussian posterior "
-            f"(cl_bayes.ivon.IVON), got {type(strategy.optimizer).__name__}"
+            f"(cl_bayes.ivon.IVON) or a Laplace posterior (laplace=...), got {type(strategy.optimizer).__name__}"
         )
     return posterior
+
+
+def laplace_batches(strategy, data: ExperienceData, batch_size: int = LAPLACE_BATCH):
+    """(x, class mask) batches of every training example of the experience, on the model's device."""
+    device = next(unwrap(strategy.model).parameters()).device
+    for inputs, positions in data.blocks:
+        for s in range(0, len(positions), batch_size):
+            pos = positions[s : s + batch_size]
+            x = inputs[s : s + batch_size].to(device)
+            yield x, class_mask(strategy.model, data.t[pos].to(device), len(x))
 
 
 class FunctionalRegularisationPlugin(SupervisedPlugin):
@@ -122,8 +148,12 @@ class FunctionalRegularisationPlugin(SupervisedPlugin):
         seed: int = 0,
         chunk_size: int | None = None,
         selector: Selector | None = None,
+        laplace: DiagonalLaplace | None = None,
+        anchor: str = "experience",
     ):
         super().__init__()
+        if anchor not in ANCHORS:
+            raise ValueError(f"anchor must be one of {ANCHORS}, got {anchor!r}")
         if isinstance(memory_size, bool) or not isinstance(memory_size, int) or memory_size < 1:
             raise ValueError(f"memory_size must be a positive int, got {memory_size!r}")
         if selector is None:
@@ -131,8 +161,11 @@ class FunctionalRegularisationPlugin(SupervisedPlugin):
         self.prior = FunctionalPrior(tau=tau, kernel=kernel, eps=eps, chunk_size=chunk_size)
         self.memory_size = memory_size
         self.selector = selector
+        self.laplace = laplace
+        self.anchor = anchor
         self.memory_indices: list[Tensor] = []  # per past experience: indices into its training dataset
         self.last_penalty: Tensor | None = None  # the term added at the latest step (detached)
+        self.seconds = {"laplace": 0.0, "kernels": 0.0}  # wall time of the end-of-experience passes
 
     # -- hook 1: every training step ---------------------------------------------
     def before_backward(self, strategy, **kwargs):
@@ -150,7 +183,6 @@ class FunctionalRegularisationPlugin(SupervisedPlugin):
 
     # -- hook 2: end of each experience ------------------------------------------
     def after_training_exp(self, strategy, **kwargs):
-        posterior = _posterior(strategy)
         experience = strategy.experience
         chosen = self.selector(strategy, experience, self.memory_size)
         data = experience_data(experience)
@@ -161,10 +193,21 @@ class FunctionalRegularisationPlugin(SupervisedPlugin):
         was_training = net.training
         net.eval()
         try:
+            start = time.perf_counter()
+            if self.laplace is not None:
+                self.laplace.fit(net, laplace_batches(strategy, data))
+                posterior = self.laplace.posterior(net)
+            else:
+                posterior = _optimizer_posterior(strategy)
+            self.seconds["laplace"] += time.perf_counter() - start
+            start = time.perf_counter()
+            if self.anchor == "latest":
+                self.prior.reanchor(net, posterior)
             self.prior.add_task(net, posterior, x, class_mask=mask)
+            self.seconds["kernels"] += time.perf_counter() - start
         finally:
             net.train(was_training)
         self.memory_indices.append(chosen)
 
 
-__all__ = ["ESTIMATORS", "SELECTIONS", "FunctionalRegularisationPlugin", "gather_inputs"]
+__all__ = ["ANCHORS", "ESTIMATORS", "SELECTIONS", "FunctionalRegularisationPlugin", "gather_inputs", "laplace_batches"]

@@ -1,5 +1,15 @@
-"""Functional regularisation of the memorable past (FROMP) with the IVON posterior.
+"""Functional regularisation of the memorable past (FROMP): as published, and with the IVON posterior.
 
+* ``fromp``: FROMP as published (Pan et al., NeurIPS 2020): Adam on the data loss plus
+  the functional term; after each experience the diagonal Laplace-GGN posterior
+  (``cl_bayes.laplace``: GGN summed over every experience's training data so far, plus
+  ``prior_precision``), ``memory_size`` memorable points per experience chosen by the
+  largest trace of the softmax Hessian (``lambda``, class-balanced), and the term of
+  every past task re-anchored at the latest posterior (``anchor="latest"``). The
+  gradient's norm is clipped to ``max_grad_norm`` (FROMP's code clips its gradient,
+  whose data part is divided by tau, at ``grad_clip_norm``: on our scale that is
+  ``max_grad_norm = tau * grad_clip_norm``; hook ``after_backward``).
+* ``frorp``: the paper's ablation, the same with a class-balanced random memory.
 * ``ivon-fromp``: IVON (as ``ivon``) + ``FunctionalRegularisationPlugin``: after each
   experience ``memory_size`` examples are chosen by memory-perturbation sensitivity
   under the IVON posterior, and FROMP's functional prior over them, with the kernel
@@ -18,11 +28,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+from avalanche.training.plugins import SupervisedPlugin
+from avalanche.training.supervised import Naive
+
 from cl_bayes.avalanche.bayes_strategies import IVONParams, IVONPriorParams, ivon_strategy
-from cl_bayes.avalanche.fromp_plugin import ESTIMATORS, SELECTIONS, FunctionalRegularisationPlugin
+from cl_bayes.avalanche.fromp_plugin import ANCHORS, ESTIMATORS, SELECTIONS, FunctionalRegularisationPlugin
 from cl_bayes.avalanche.ivon_strategy import NaturalParameterAccumulation
-from cl_bayes.avalanche.strategies import BuildContext, register
+from cl_bayes.avalanche.strategies import BuildContext, register, with_plugins
 from cl_bayes.fromp import KERNEL_FORMS
+from cl_bayes.laplace import DiagonalLaplace
 
 
 @dataclass
@@ -83,3 +98,73 @@ def _bayes_cl(ctx: BuildContext):
     # Order matters: the functional plugin reads the experience's posterior before accumulation changes it.
     return ivon_strategy(ctx, functional_plugin(ctx), NaturalParameterAccumulation(keep_hess=p.keep_hess,
                                                                                    temper=p.temper))
+
+
+# --- FROMP as published: Adam + Laplace ------------------------------------------
+
+
+@dataclass
+class FROMPParams:
+    """FROMP's hyper-parameters as in the paper and its code (values per benchmark in the specs)."""
+
+    tau: float = 10.0  # weight of the functional term, FROMP's convention (fromp_plugin docstring)
+    kernel: str = "block"  # FROMP kernel: block (per class, across points), full (per point) or identity (L2)
+    eps: float = 1e-5  # jitter added to the kernel's diagonal (FROMP's)
+    memory_size: int = 40  # memorable examples kept per experience (class-balanced)
+    selection: str = "lambda"  # how they are chosen: lambda (FROMP), random (FRORP), sensitivity needs IVON
+    prior_precision: float = 1e-3  # delta of the Laplace posterior, Sigma^-1 = delta + sum GGN
+    max_grad_norm: float | None = 1.0  # clip the gradient's norm (tau * FROMP's grad_clip_norm); None: no clipping
+    anchor: str = "latest"  # latest: re-anchor past tasks at the latest posterior (FROMP); experience: keep
+
+    def __post_init__(self):
+        if not self.tau >= 0:
+            raise ValueError(f"tau must be non-negative, got {self.tau}")
+        if self.kernel not in KERNEL_FORMS:
+            raise ValueError(f"kernel must be one of {', '.join(KERNEL_FORMS)}, got {self.kernel!r}")
+        if not self.eps > 0:
+            raise ValueError(f"eps must be positive, got {self.eps}")
+        if self.memory_size < 1:
+            raise ValueError(f"memory_size must be >= 1, got {self.memory_size}")
+        if self.selection not in ("lambda", "random", "herding"):
+            raise ValueError(f"selection must be lambda, random or herding with Adam, got {self.selection!r}")
+        if not self.prior_precision > 0:
+            raise ValueError(f"prior_precision must be positive, got {self.prior_precision}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be positive or null, got {self.max_grad_norm}")
+        if self.anchor not in ANCHORS:
+            raise ValueError(f"anchor must be one of {', '.join(ANCHORS)}, got {self.anchor!r}")
+
+
+@dataclass
+class FRORPParams(FROMPParams):
+    selection: str = "random"  # FRORP: class-balanced random memorable points
+
+
+class GradientNormClipping(SupervisedPlugin):
+    """Hook ``after_backward``: scale the gradient so its global norm is at most ``max_norm``."""
+
+    def __init__(self, max_norm: float):
+        super().__init__()
+        if not max_norm > 0:
+            raise ValueError(f"max_norm must be positive, got {max_norm}")
+        self.max_norm = float(max_norm)
+
+    def after_backward(self, strategy, **kwargs):
+        torch.nn.utils.clip_grad_norm_(strategy.model.parameters(), self.max_norm)
+
+
+def _fromp(ctx: BuildContext):
+    p = ctx.params
+    fromp = FunctionalRegularisationPlugin(
+        tau=p.tau, memory_size=p.memory_size, kernel=p.kernel, eps=p.eps, selection=p.selection,
+        seed=ctx.config.seed, laplace=DiagonalLaplace(prior_precision=p.prior_precision), anchor=p.anchor,
+    )
+    # Order: the term joins the loss in before_backward; clipping acts on the full gradient after it.
+    plugins = [fromp] if p.max_grad_norm is None else [fromp, GradientNormClipping(p.max_grad_norm)]
+    return Naive(optimizer=ctx.adam(), plugins=with_plugins(ctx, *plugins), **ctx.template_args())
+
+
+register("fromp", FROMPParams, "FROMP as published (Pan et al., 2020): Adam + Laplace-GGN kernel, lambda memory")(
+    _fromp
+)
+register("frorp", FRORPParams, "FRORP: FROMP with a class-balanced random memory (the paper's ablation)")(_fromp)
