@@ -61,6 +61,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from cl_bayes.jacobians import (
     check_class_mask,
@@ -245,15 +246,19 @@ class FunctionalPrior:
         for task in old:
             self.tasks.append(self._memorable_task(model, posterior, task.inputs, task.class_mask))
 
-    def residuals(self, model: nn.Module) -> list[Tensor]:
-        """r_s = m_s(w) - m_s per past task, from one forward pass over all memories."""
+    def residuals(self, model: nn.Module, params: dict[str, Tensor] | None = None) -> list[Tensor]:
+        """r_s = m_s(w) - m_s per past task, from one forward pass over all memories.
+
+        ``params`` ({name: tensor}) evaluates the network at other weights (``functional_call``).
+        """
         if not self.tasks:
             return []
-        probs = masked_softmax(model(self._inputs), self._mask)
+        logits = model(self._inputs) if params is None else functional_call(model, params, (self._inputs,))
+        probs = masked_softmax(logits, self._mask)
         sizes = [t.inputs.shape[0] for t in self.tasks]
         return [p - t.probs for p, t in zip(probs.split(sizes), self.tasks, strict=True)]
 
-    def __call__(self, model: nn.Module) -> Tensor:
+    def __call__(self, model: nn.Module, params: dict[str, Tensor] | None = None) -> Tensor:
         if not self.tasks:
             param = next(iter(model.parameters()))
             return param.new_zeros(())
@@ -263,7 +268,7 @@ class FunctionalPrior:
         # multiplies by K^{-1} again (half the kernel traffic of differentiating the product).
         # Its first derivatives are exact; its second derivatives are not R's.
         total = 0.0
-        for r, t in zip(self.residuals(model), self.tasks, strict=True):
+        for r, t in zip(self.residuals(model, params), self.tasks, strict=True):
             fixed = r.detach()
             v = apply_kernel_inverse(fixed, t.kernel_inverse, self.kernel)
             total = total + (r * v).sum() - 0.5 * (fixed * v).sum()

@@ -152,3 +152,42 @@ def test_specs_resolve_with_the_documented_memory_sizes(make_config):
     for bad in ({"kernel": "diag"}, {"selection": "best"}, {"tau": -1.0}, {"eps": 0.0}, {"memory_size": 0}):
         with pytest.raises(ConfigError):
             make_config("ivon-fromp", **bad)
+
+
+def test_term_at_mean_has_the_value_and_gradient_of_the_term_at_the_posterior_mean():
+    from types import SimpleNamespace
+
+    from cl_bayes.avalanche.fromp_plugin import _at_mean
+    from cl_bayes.fromp import FunctionalPrior
+    from cl_bayes.jacobians import flat_parameters, unflatten
+    from cl_bayes.posterior import DiagonalGaussian
+
+    torch.manual_seed(3)
+    net = MLP(in_features=6, hidden=[5], num_classes=3)
+    mean = flat_parameters(net)
+    prior = FunctionalPrior(tau=2.0, kernel="block", eps=1e-3)
+    prior.add_task(net, DiagonalGaussian(mean, torch.full_like(mean, 5.0)), torch.randn(4, 6))
+    with torch.no_grad():  # train a little away from the stored mean, then sample around a new mean
+        for p in net.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    new_mean = flat_parameters(net)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.5 * torch.randn_like(p))  # the "sample" the strategy trains
+    at_mean = prior(net, _at_mean(net, SimpleNamespace(mean=new_mean)))
+    at_mean.backward()
+    got = torch.cat([p.grad.reshape(-1) for p in net.parameters()])
+    leaf = new_mean.clone().requires_grad_(True)
+    expected = prior(net, unflatten(net, leaf))
+    (grad,) = torch.autograd.grad(expected, leaf)
+    assert float(at_mean) == pytest.approx(float(expected), rel=1e-6)
+    assert torch.allclose(got, grad, rtol=1e-5, atol=1e-8)
+    assert float(at_mean) != pytest.approx(float(prior(net)), rel=1e-3)  # the sample's value differs
+
+
+@pytest.mark.parametrize("extra", [{"posterior": "laplace", "anchor": "latest", "selection": "lambda"},
+                                   {"term_at": "mean"}])
+def test_ivon_fromp_bisection_settings_run(extra, make_config, mnist_root):
+    result = runner.run(make_config("ivon-fromp", memory_size=MEMORY, **extra))
+    validate(result)
+    assert len(result["accuracy_matrix"]) == 5

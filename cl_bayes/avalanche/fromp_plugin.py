@@ -8,8 +8,9 @@
    evaluated at the network the strategy is training. Inside ``IVONStrategy`` this
    hook runs inside ``optimizer.sampled_params``, once per posterior sample, so the
    *sampled* network is regularised and IVON's gradient (and Hessian) estimate
-   includes the term. One forward pass over all memories, one backward pass shared
-   with the data loss.
+   includes the term; with ``term_at="mean"`` it is evaluated at the posterior mean
+   instead (its gradient at the mean joins the sample's data gradient). One forward
+   pass over all memories, one backward pass shared with the data loss.
 2. ``after_training_exp`` (end of each experience): reads the experience's training
    examples, chooses ``memory_size`` of them (class-balanced, ``cl_bayes.memory``) by
    ``selection``, takes the posterior, then ``FunctionalPrior.add_task(net, posterior, x,
@@ -91,6 +92,7 @@ from cl_bayes.laplace import DiagonalLaplace
 
 ESTIMATORS = ("last_layer", "exact", "samples")
 ANCHORS = ("experience", "latest")
+TERM_AT = ("network", "mean")
 LAPLACE_BATCH = 1000  # examples per batch of the Laplace-GGN pass
 
 
@@ -115,6 +117,21 @@ def _optimizer_posterior(strategy):
             f"(cl_bayes.ivon.IVON) or a Laplace posterior (laplace=...), got {type(strategy.optimizer).__name__}"
         )
     return posterior
+
+
+def _at_mean(net, optimizer) -> dict[str, Tensor]:
+    """{name: w - (w - m)}: the posterior mean m in value, the trained weights w in gradient.
+
+    Evaluating the term there gives its gradient *at the mean* in ``w.grad``, where the
+    optimizer collects the data gradient of the sampled network (IVON); the term then
+    adds no curvature to IVON's Hessian estimate (its gradient does not depend on the noise).
+    """
+    mean = getattr(optimizer, "mean", None)
+    if not isinstance(mean, Tensor):
+        raise TypeError("term_at='mean' needs an optimizer with a posterior mean (cl_bayes.ivon.IVON)")
+    named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+    chunks = mean.split([p.numel() for _, p in named])
+    return {n: p - (p.detach() - m.view_as(p)) for (n, p), m in zip(named, chunks, strict=True)}
 
 
 def laplace_batches(strategy, data: ExperienceData, batch_size: int = LAPLACE_BATCH):
@@ -150,10 +167,13 @@ class FunctionalRegularisationPlugin(SupervisedPlugin):
         selector: Selector | None = None,
         laplace: DiagonalLaplace | None = None,
         anchor: str = "experience",
+        term_at: str = "network",
     ):
         super().__init__()
         if anchor not in ANCHORS:
             raise ValueError(f"anchor must be one of {ANCHORS}, got {anchor!r}")
+        if term_at not in TERM_AT:
+            raise ValueError(f"term_at must be one of {TERM_AT}, got {term_at!r}")
         if isinstance(memory_size, bool) or not isinstance(memory_size, int) or memory_size < 1:
             raise ValueError(f"memory_size must be a positive int, got {memory_size!r}")
         if selector is None:
@@ -163,6 +183,7 @@ class FunctionalRegularisationPlugin(SupervisedPlugin):
         self.selector = selector
         self.laplace = laplace
         self.anchor = anchor
+        self.term_at = term_at
         self.memory_indices: list[Tensor] = []  # per past experience: indices into its training dataset
         self.last_penalty: Tensor | None = None  # the term added at the latest step (detached)
         self.seconds = {"laplace": 0.0, "kernels": 0.0}  # wall time of the end-of-experience passes
@@ -175,7 +196,7 @@ class FunctionalRegularisationPlugin(SupervisedPlugin):
         was_training = net.training
         net.eval()
         try:
-            penalty = self.prior(net)
+            penalty = self.prior(net, _at_mean(net, strategy.optimizer) if self.term_at == "mean" else None)
         finally:
             net.train(was_training)
         strategy.loss += penalty
@@ -210,4 +231,7 @@ class FunctionalRegularisationPlugin(SupervisedPlugin):
         self.memory_indices.append(chosen)
 
 
-__all__ = ["ANCHORS", "ESTIMATORS", "SELECTIONS", "FunctionalRegularisationPlugin", "gather_inputs", "laplace_batches"]
+__all__ = [
+    "ANCHORS", "ESTIMATORS", "SELECTIONS", "TERM_AT", "FunctionalRegularisationPlugin", "gather_inputs",
+    "laplace_batches",
+]

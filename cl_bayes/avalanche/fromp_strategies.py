@@ -33,7 +33,13 @@ from avalanche.training.plugins import SupervisedPlugin
 from avalanche.training.supervised import Naive
 
 from cl_bayes.avalanche.bayes_strategies import IVONParams, IVONPriorParams, ivon_strategy
-from cl_bayes.avalanche.fromp_plugin import ANCHORS, ESTIMATORS, SELECTIONS, FunctionalRegularisationPlugin
+from cl_bayes.avalanche.fromp_plugin import (
+    ANCHORS,
+    ESTIMATORS,
+    SELECTIONS,
+    TERM_AT,
+    FunctionalRegularisationPlugin,
+)
 from cl_bayes.avalanche.ivon_strategy import NaturalParameterAccumulation
 from cl_bayes.avalanche.strategies import BuildContext, register, with_plugins
 from cl_bayes.fromp import KERNEL_FORMS
@@ -50,8 +56,20 @@ class FunctionalParams:
     memory_size: int = 40  # memorable examples kept per experience (class-balanced)
     selection: str = "sensitivity"  # how they are chosen: sensitivity, lambda (FROMP's), random or herding
     estimator: str = "last_layer"  # sensitivity's variance estimator: last_layer, exact or samples
+    posterior: str = "ivon"  # the kernel's covariance: ivon (the optimizer's) or laplace (FROMP's Laplace-GGN)
+    prior_precision: float = 1e-3  # posterior = "laplace": delta of Sigma^-1 = delta + sum GGN
+    anchor: str = "experience"  # experience: each task keeps its own posterior; latest: re-anchor (FROMP)
+    term_at: str = "network"  # evaluate the term at the trained (sampled) network, or at the posterior mean
 
     def __post_init__(self):
+        if self.posterior not in ("ivon", "laplace"):
+            raise ValueError(f"posterior must be ivon or laplace, got {self.posterior!r}")
+        if not self.prior_precision > 0:
+            raise ValueError(f"prior_precision must be positive, got {self.prior_precision}")
+        if self.anchor not in ANCHORS:
+            raise ValueError(f"anchor must be one of {', '.join(ANCHORS)}, got {self.anchor!r}")
+        if self.term_at not in TERM_AT:
+            raise ValueError(f"term_at must be one of {', '.join(TERM_AT)}, got {self.term_at!r}")
         if not self.tau >= 0:
             raise ValueError(f"tau must be non-negative, got {self.tau}")
         if self.kernel not in KERNEL_FORMS:
@@ -78,9 +96,10 @@ class BayesCLParams(FunctionalParams, IVONPriorParams):
 
 def functional_plugin(ctx: BuildContext) -> FunctionalRegularisationPlugin:
     p = ctx.params
+    laplace = DiagonalLaplace(prior_precision=p.prior_precision) if p.posterior == "laplace" else None
     return FunctionalRegularisationPlugin(
         tau=p.tau, memory_size=p.memory_size, kernel=p.kernel, eps=p.eps, selection=p.selection,
-        estimator=p.estimator, seed=ctx.config.seed,
+        estimator=p.estimator, seed=ctx.config.seed, laplace=laplace, anchor=p.anchor, term_at=p.term_at,
     )
 
 
