@@ -89,6 +89,7 @@ def _register_all() -> None:
     """Import the modules whose strategies register themselves here (explicit list, no scanning)."""
     import cl_bayes.avalanche.bayes_strategies  # noqa: F401
     import cl_bayes.avalanche.fromp_strategies  # noqa: F401
+    import cl_bayes.avalanche.vcl_strategy  # noqa: F401
 
 
 def get(name: str) -> StrategyDef:
