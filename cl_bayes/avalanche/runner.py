@@ -208,6 +208,11 @@ def _run(config: RunConfig, *, data_root, progress, spec_path) -> dict:
                     progress(i + 1, len(stream))
     table = metrics.reliability(probs, labels)
     params = config.params
+    parts = {}  # plugins that time their own passes keep a ``seconds`` dict (e.g. FROMP's Laplace pass)
+    for plugin in strategy.plugins:
+        seconds = getattr(plugin, "seconds", None)
+        if isinstance(seconds, dict):
+            parts.update({name: round(float(v), 3) for name, v in seconds.items()})
     return {
         "schema_version": SCHEMA_VERSION,
         "benchmark": config.benchmark,
@@ -228,7 +233,7 @@ def _run(config: RunConfig, *, data_root, progress, spec_path) -> dict:
             "ece": metrics.ece_from_reliability(table),
         },
         "calibration": {"bins": metrics.ECE_BINS, **table},
-        "time_s": {"per_experience": times, "total": float(sum(times))},
+        "time_s": {"per_experience": times, "total": float(sum(times)), **({"parts": parts} if parts else {})},
         "peak_memory_mb": round(peak.peak_mb, 1),
         "memory_size": int(params.get("memory_size", 0)),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
