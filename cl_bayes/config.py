@@ -57,6 +57,7 @@ class RunConfig:
     evaluate_on: str = "test"  # "test", or "validation" (held out from training data, for tuning)
     validation_fraction: float = 0.1  # share of each experience's training data held out when evaluate_on="validation"
     device: str = "cpu"  # torch device
+    experiences: int | None = None  # train and score only the first k experiences (bisection; None: all)
     params: dict[str, Any] = field(default_factory=dict)  # the strategy's hyper-parameters
 
     def to_dict(self) -> dict[str, Any]:
@@ -213,6 +214,10 @@ def _validate(c: RunConfig) -> None:
     for name in ("train_per_experience", "test_per_experience"):
         if getattr(c, name) is not None and getattr(c, name) <= 0:
             raise ConfigError(f"{name} must be positive or null, got {getattr(c, name)}")
+    if c.experiences is not None:
+        total = BENCHMARKS[c.benchmark].n_experiences
+        if not 1 <= c.experiences <= total:
+            raise ConfigError(f"experiences must be between 1 and {total} for {c.benchmark}, got {c.experiences}")
     if c.model not in ("mlp", "cnn"):
         raise ConfigError(f"model must be 'mlp' or 'cnn', got {c.model!r}")
     if c.evaluate_on not in ("test", "validation"):

@@ -254,3 +254,16 @@ def test_a_finished_suite_still_writes_its_summary(finished, tmp_path):
     summary = (root / "quick" / "SUMMARY-one.md").read_text()
     accuracy = 100 * load(copy)["metrics"]["average_accuracy"]
     assert f"| naive | 1 | {accuracy:.2f} |" in summary
+
+
+def test_experiences_trains_and_scores_only_the_first_k(make_config, mnist_root):
+    from cl_bayes.avalanche import runner
+    from cl_bayes.config import ConfigError
+
+    for strategy in ("naive", "joint"):
+        result = runner.run(make_config(strategy, experiences=2))
+        assert len(result["accuracy_matrix"]) == (2 if strategy == "naive" else 1)
+        assert all(len(row) == 2 for row in result["accuracy_matrix"])
+        assert result["config"]["experiences"] == 2
+    with pytest.raises(ConfigError, match="experiences"):
+        make_config("naive", experiences=6)

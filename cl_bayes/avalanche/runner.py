@@ -10,6 +10,7 @@ metrics are the pure functions of ``cl_bayes.metrics``.
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import random
 import subprocess
@@ -185,8 +186,12 @@ def run(config: RunConfig, *, data_root=None, progress=None, spec_path: str | No
 def _run(config: RunConfig, *, data_root, progress, spec_path) -> dict:
     seed_everything(config.seed)
     bundle = build_benchmark(config, data_root=data_root)
+    stream = list(bundle.benchmark.train_stream)
+    if config.experiences is not None:  # only the first k experiences (trained, scored, counted)
+        k = config.experiences
+        bundle = dataclasses.replace(bundle, train=bundle.train[:k], eval=bundle.eval[:k])
+        stream = stream[:k]
     strategy, definition = build_strategy(config, bundle)
-    stream = bundle.benchmark.train_stream
     rows, times = [], []
     with PeakMemory(config.device) as peak:
         if definition.joint:
