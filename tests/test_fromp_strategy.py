@@ -29,11 +29,11 @@ def bundle(mnist_root):
     return build_benchmark(config, data_root=mnist_root)
 
 
-def make_strategy(bundle, *plugins, tau=1e-3):
+def make_strategy(bundle, *plugins, tau=1e-3, **fromp_kwargs):
     torch.manual_seed(0)
     model = TaskMaskedModel(MLP(in_features=784, hidden=[32], num_classes=10), bundle.class_masks)
     optimizer = IVON(model.parameters(), lr=0.1, ess=len(bundle.train[0].y), hess_init=0.1)
-    fromp = FunctionalRegularisationPlugin(tau=tau, memory_size=MEMORY, kernel="block", eps=1e-3)
+    fromp = FunctionalRegularisationPlugin(tau=tau, memory_size=MEMORY, kernel="block", eps=1e-3, **fromp_kwargs)
     strategy = IVONStrategy(model=model, optimizer=optimizer, test_samples=2, train_mb_size=64, train_epochs=1,
                             eval_mb_size=500, evaluator=None, plugins=[fromp, *plugins])
     return strategy, fromp
@@ -74,8 +74,9 @@ def test_memory_and_one_kernel_per_experience(bundle):
         assert torch.allclose(task.probs.sum(1), torch.ones(MEMORY))
 
 
-def test_functional_term_is_in_the_loss_and_vanishes_at_the_stored_weights(bundle):
-    strategy, fromp = make_strategy(bundle)
+@pytest.mark.parametrize("term_at", ["mean", "network"])
+def test_functional_term_is_in_the_loss_and_vanishes_at_the_stored_weights(bundle, term_at):
+    strategy, fromp = make_strategy(bundle, term_at=term_at)
     spy = Spy(fromp)
     strategy.plugins.append(spy)
     strategy.train(bundle.benchmark.train_stream[0])
@@ -86,8 +87,32 @@ def test_functional_term_is_in_the_loss_and_vanishes_at_the_stored_weights(bundl
     assert spy.checks
     for loss, criterion, penalty in spy.checks:
         assert loss == pytest.approx(criterion + penalty, rel=1e-5, abs=1e-6)
-        assert penalty > 0  # IVON regularises the sampled network, whose outputs moved
+    if term_at == "network":  # IVON trains at a sample, whose outputs differ from the mean's from step 1 on
+        assert all(penalty > 0 for _, _, penalty in spy.checks)
     assert float(fromp.prior(strategy.model.net)) > 0  # after training on experience 2 they moved
+
+
+def test_default_term_regularises_the_posterior_mean_not_its_samples(bundle):
+    """The cause of docs/BISECTION.md step c: the term evaluated at IVON's samples penalises the
+    posterior's own spread. By default it is evaluated at the mean, so at the first step of the
+    next experience (mean = the stored posterior mean) it is exactly zero, for every sample."""
+    first_step = {}
+    for term_at in (None, "network"):
+        kwargs = {} if term_at is None else {"term_at": term_at}
+        strategy, fromp = make_strategy(bundle, **kwargs)  # None: the plugin's defaults
+        seen = first_step.setdefault(term_at, [])
+
+        class FirstStep(SupervisedPlugin):
+            def before_backward(self, strategy, fromp=fromp, seen=seen, **kwargs):
+                if strategy.clock.train_exp_iterations == 0 and len(fromp.prior):
+                    seen.append(float(fromp.last_penalty))
+
+        strategy.plugins.append(FirstStep())
+        strategy.mc_samples = 3  # three posterior samples in the first step
+        for exp in bundle.benchmark.train_stream[:2]:
+            strategy.train(exp)
+    assert first_step[None] == pytest.approx([0.0, 0.0, 0.0], abs=1e-9)
+    assert len(first_step["network"]) == 3 and min(first_step["network"]) > 1e-6  # the samples' own noise
 
 
 def test_plugin_kernel_uses_the_posterior_before_accumulation(bundle):

@@ -5,12 +5,19 @@
 1. ``before_backward`` (every training step of experiences 2, 3, ...): adds the
    functional prior of all past experiences to the loss,
    ``strategy.loss += tau / 2 * sum_s r_s^T K_s^{-1} r_s`` (``FunctionalPrior``),
-   evaluated at the network the strategy is training. Inside ``IVONStrategy`` this
-   hook runs inside ``optimizer.sampled_params``, once per posterior sample, so the
-   *sampled* network is regularised and IVON's gradient (and Hessian) estimate
-   includes the term; with ``term_at="mean"`` it is evaluated at the posterior mean
-   instead (its gradient at the mean joins the sample's data gradient). One forward
-   pass over all memories, one backward pass shared with the data loss.
+   evaluated at the posterior mean (``term_at="mean"``, the default). Inside
+   ``IVONStrategy`` this hook runs inside ``optimizer.sampled_params``, once per
+   posterior sample, while the weights hold the sample: the term is evaluated at
+   ``w - (w - m)``, the mean m in value and the weights in gradient, so its gradient at
+   the mean joins the sample's data gradient and adds nothing to IVON's Hessian
+   estimate. ``term_at="network"`` evaluates it at the sampled network instead, which
+   penalises the posterior's own spread: at a sample the residual carries the noise
+   ``J sigma eps``, amplified by ``K^{-1}`` where the old posterior was certain (expected
+   value ``r(m)^T K^-1 r(m) + tr(K^-1 J Sigma J^T)``); measured in ``docs/BISECTION.md``
+   (split MNIST, validation: 98.72 % at the mean against 87.76 % at samples with FROMP's
+   anchoring, and ECE 0.58 against 6.64 % with ``ivon-fromp``'s). With a deterministic
+   optimizer (Adam) the two are the same. One forward pass over all memories, one
+   backward pass shared with the data loss.
 2. ``after_training_exp`` (end of each experience): reads the experience's training
    examples, chooses ``memory_size`` of them (class-balanced, ``cl_bayes.memory``) by
    ``selection``, takes the posterior, then ``FunctionalPrior.add_task(net, posterior, x,
@@ -119,7 +126,7 @@ def _optimizer_posterior(strategy):
     return posterior
 
 
-def _at_mean(net, optimizer) -> dict[str, Tensor]:
+def _at_mean(net, optimizer) -> dict[str, Tensor] | None:
     """{name: w - (w - m)}: the posterior mean m in value, the trained weights w in gradient.
 
     Evaluating the term there gives its gradient *at the mean* in ``w.grad``, where the
@@ -128,7 +135,7 @@ def _at_mean(net, optimizer) -> dict[str, Tensor]:
     """
     mean = getattr(optimizer, "mean", None)
     if not isinstance(mean, Tensor):
-        raise TypeError("term_at='mean' needs an optimizer with a posterior mean (cl_bayes.ivon.IVON)")
+        return None  # a deterministic optimizer (Adam): the trained weights are the mean
     named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
     chunks = mean.split([p.numel() for _, p in named])
     return {n: p - (p.detach() - m.view_as(p)) for (n, p), m in zip(named, chunks, strict=True)}
@@ -167,7 +174,7 @@ class FunctionalRegularisationPlugin(SupervisedPlugin):
         selector: Selector | None = None,
         laplace: DiagonalLaplace | None = None,
         anchor: str = "experience",
-        term_at: str = "network",
+        term_at: str = "mean",
     ):
         super().__init__()
         if anchor not in ANCHORS:

@@ -59,7 +59,7 @@ class FunctionalParams:
     posterior: str = "ivon"  # the kernel's covariance: ivon (the optimizer's) or laplace (FROMP's Laplace-GGN)
     prior_precision: float = 1e-3  # posterior = "laplace": delta of Sigma^-1 = delta + sum GGN
     anchor: str = "experience"  # experience: each task keeps its own posterior; latest: re-anchor (FROMP)
-    term_at: str = "network"  # evaluate the term at the trained (sampled) network, or at the posterior mean
+    term_at: str = "mean"  # evaluate the term at the posterior mean, or at the sampled network (docs/BISECTION.md)
 
     def __post_init__(self):
         if self.posterior not in ("ivon", "laplace"):
