@@ -46,6 +46,18 @@ from cl_bayes.fromp import KERNEL_FORMS
 from cl_bayes.laplace import DiagonalLaplace
 
 
+def _check_term(p) -> None:
+    """The functional term's settings shared by every FROMP variant (tau, kernel, eps, memory_size)."""
+    if not p.tau >= 0:
+        raise ValueError(f"tau must be non-negative, got {p.tau}")
+    if p.kernel not in KERNEL_FORMS:
+        raise ValueError(f"kernel must be one of {', '.join(KERNEL_FORMS)}, got {p.kernel!r}")
+    if not p.eps > 0:
+        raise ValueError(f"eps must be positive, got {p.eps}")
+    if p.memory_size < 1:
+        raise ValueError(f"memory_size must be >= 1, got {p.memory_size}")
+
+
 @dataclass
 class FunctionalParams:
     """FROMP's hyper-parameters, shared by ``ivon-fromp`` and ``bayes-cl`` (a mixin)."""
@@ -70,14 +82,7 @@ class FunctionalParams:
             raise ValueError(f"anchor must be one of {', '.join(ANCHORS)}, got {self.anchor!r}")
         if self.term_at not in TERM_AT:
             raise ValueError(f"term_at must be one of {', '.join(TERM_AT)}, got {self.term_at!r}")
-        if not self.tau >= 0:
-            raise ValueError(f"tau must be non-negative, got {self.tau}")
-        if self.kernel not in KERNEL_FORMS:
-            raise ValueError(f"kernel must be one of {', '.join(KERNEL_FORMS)}, got {self.kernel!r}")
-        if not self.eps > 0:
-            raise ValueError(f"eps must be positive, got {self.eps}")
-        if self.memory_size < 1:
-            raise ValueError(f"memory_size must be >= 1, got {self.memory_size}")
+        _check_term(self)
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
         if self.estimator not in ESTIMATORS:
@@ -136,14 +141,7 @@ class FROMPParams:
     anchor: str = "latest"  # latest: re-anchor past tasks at the latest posterior (FROMP); experience: keep
 
     def __post_init__(self):
-        if not self.tau >= 0:
-            raise ValueError(f"tau must be non-negative, got {self.tau}")
-        if self.kernel not in KERNEL_FORMS:
-            raise ValueError(f"kernel must be one of {', '.join(KERNEL_FORMS)}, got {self.kernel!r}")
-        if not self.eps > 0:
-            raise ValueError(f"eps must be positive, got {self.eps}")
-        if self.memory_size < 1:
-            raise ValueError(f"memory_size must be >= 1, got {self.memory_size}")
+        _check_term(self)
         if self.selection not in ("lambda", "random", "herding"):
             raise ValueError(f"selection must be lambda, random or herding with Adam, got {self.selection!r}")
         if not self.prior_precision > 0:
