@@ -65,7 +65,9 @@ from torch.func import functional_call
 
 from cl_bayes.jacobians import (
     check_class_mask,
+    class_jacobian_rows,
     class_kernels,
+    iter_jacobian_chunks,
     jsj_blocks,
     masked_softmax,
     model_outputs,
@@ -86,6 +88,7 @@ class MemorableTask:
     probs: Tensor  # m_s = softmax outputs at the posterior mean, (M, C)
     kernel: Tensor | None  # block: (C, M, M); full: (M, C, C); identity: None
     kernel_inverse: Tensor | None  # same shape as kernel
+    anchor: Tensor  # mu_s, the flat posterior mean at which m_s and K_s were computed (P,)
 
 
 def _check_form(form: str) -> None:
@@ -179,6 +182,7 @@ class FunctionalPrior:
         self.eps = float(eps)
         self.chunk_size = chunk_size
         self.tasks: list[MemorableTask] = []
+        self._curvatures: list[Tensor | None] = []  # per task: diag(J^T K^-1 J) at its anchor, when asked
         self._inputs: Tensor | None = None  # all memories, concatenated
         self._mask: Tensor | None = None
 
@@ -218,6 +222,7 @@ class FunctionalPrior:
             probs=masked_softmax(logits, class_mask),
             kernel=kernel,
             kernel_inverse=None if kernel is None else _inverse(kernel),
+            anchor=posterior.mean.detach().clone(),
         )
 
     def add_task(
@@ -231,6 +236,7 @@ class FunctionalPrior:
         """Store memory X_s with m_s = p(mu_s, X_s) and K_s^{-1} under the posterior of experience s."""
         task = self._memorable_task(model, posterior, x, class_mask)
         self.tasks.append(task)
+        self._curvatures.append(None)
         self._inputs = torch.cat([t.inputs for t in self.tasks])
         self._mask = torch.cat([t.class_mask for t in self.tasks])
         return task
@@ -245,6 +251,27 @@ class FunctionalPrior:
         old, self.tasks = self.tasks, []
         for task in old:
             self.tasks.append(self._memorable_task(model, posterior, task.inputs, task.class_mask))
+        self._curvatures = [None] * len(self.tasks)
+
+    def curvature(self, model: nn.Module) -> Tensor:
+        """diag of R's Hessian at the anchors: tau * sum_s diag(J_s^T K_s^{-1} J_s), flat (P,).
+
+        At its anchor mu_s a task's residual is zero, so there the Hessian of
+        tau/2 r^T K^-1 r is exactly its Gauss-Newton part tau J_s^T K_s^{-1} J_s (J_s of the
+        softmax outputs at mu_s). It is the term's stiffness in weight space, large where
+        the old posterior was certain about the memorable outputs. Computed once per task
+        (cached until ``reanchor``): one more Jacobian pass over the memory, and
+        O(M^2 C' P) flops for the block kernel.
+        """
+        total = None
+        for s, task in enumerate(self.tasks):
+            if self._curvatures[s] is None:
+                self._curvatures[s] = _task_curvature(model, task, self.kernel, self.chunk_size)
+            total = self._curvatures[s].clone() if total is None else total.add_(self._curvatures[s])
+        if total is None:
+            num = sum(p.numel() for _, p in trainable_parameters(model))
+            return torch.zeros(num, device=next(iter(model.parameters())).device)
+        return total.mul_(self.tau)
 
     def residuals(self, model: nn.Module, params: dict[str, Tensor] | None = None) -> list[Tensor]:
         """r_s = m_s(w) - m_s per past task, from one forward pass over all memories.
@@ -273,6 +300,28 @@ class FunctionalPrior:
             v = apply_kernel_inverse(fixed, t.kernel_inverse, self.kernel)
             total = total + (r * v).sum() - 0.5 * (fixed * v).sum()
         return self.tau * total
+
+
+@torch.no_grad()
+def _task_curvature(model: nn.Module, task: MemorableTask, form: KernelForm, chunk_size: int | None) -> Tensor:
+    """diag(J^T K^{-1} J) for one task, at its anchor, in the layout of ``form``; flat (P,)."""
+    kwargs = dict(params=task.anchor, output="probs", chunk_size=chunk_size)
+    mask = task.class_mask
+    out = torch.zeros_like(task.anchor)
+    with torch.enable_grad():
+        if form == "block":  # sum_c sum_ij K_c^-1[i, j] J_c(x_i) (.) J_c(x_j), class by class
+            for c in torch.nonzero(mask.any(dim=0)).flatten().tolist():
+                only = torch.zeros(mask.shape[1], dtype=torch.bool, device=mask.device)
+                only[c] = True
+                rows = class_jacobian_rows(model, task.inputs, used=only, class_mask=mask, **kwargs)[:, 0]
+                out += (rows * (task.kernel_inverse[c] @ rows)).sum(0)
+            return out
+        for s, jac in iter_jacobian_chunks(model, task.inputs, class_mask=mask, **kwargs):
+            if form == "full":  # points independent: sum_i J_i^T K_i^-1 J_i
+                out += torch.einsum("ncp,ncd,ndp->p", jac, task.kernel_inverse[s], jac)
+            else:  # identity
+                out += jac.square().sum((0, 1))
+    return out
 
 
 def regulariser_gradient(prior: FunctionalPrior, model: nn.Module) -> Tensor:

@@ -116,18 +116,23 @@ def mean_update(
     debias: float,
     clip_radius: float,
     *,
+    curvature: Tensor | None = None,
     out: Tensor | None = None,
     work: Work = None,
 ) -> Tensor:
-    """m <- m - lr * clip((g / debias + delta (m - m0)) / (h + delta), clip_radius).
+    """m <- m - lr * clip((g / debias + delta (m - m0)) / (h + delta + c), clip_radius).
 
-    Computed as m - (lr / debias) * clip((g + debias delta (m - m0)) / (h + delta), debias * clip_radius),
+    c (``curvature``, default 0) is the diagonal curvature of loss terms of the mean
+    (``IVON.mean_curvature``). Computed as
+    m - (lr / debias) * clip((g + debias delta (m - m0)) / (h + delta + c), debias * clip_radius),
     the same number with fewer passes over memory.
     """
     w1, w2 = work if work is not None else (None, None)
     numerator = torch.sub(m, prior_mean, out=w1)
     numerator = torch.addcmul(g, delta, numerator, value=debias, out=w1)
     h_plus_delta = torch.add(h, delta, out=w2)
+    if curvature is not None:
+        h_plus_delta.add_(curvature)
     if math.isfinite(clip_radius):
         direction = numerator.div_(h_plus_delta).clamp_(-debias * clip_radius, debias * clip_radius)
         return torch.sub(m, direction, alpha=lr / debias, out=out)
@@ -272,6 +277,9 @@ class IVON(torch.optim.Optimizer):
         self._std_buffer = torch.empty_like(flat)
         self._count = 0
         self._active = [True] * len(params)
+        self._mean_grad: Tensor | None = None  # add_mean_gradient's sum since the last step (allocated on use)
+        self._has_mean_grad = False
+        self._mean_curvature: Tensor | None = None  # c of the mean update (None: 0)
         self._sampling = False
         self._commit()
 
@@ -396,6 +404,32 @@ class IVON(torch.optim.Optimizer):
             self._grad_noise_sum.addcmul_(self._work1, self._noise)
         self._count += 1
 
+    @torch.no_grad()
+    def add_mean_gradient(self, grads) -> None:
+        """Add the gradient of a term of the posterior *mean* to the next step's ghat only.
+
+        A loss term R(m) evaluated at the mean (not at the sampled weights) has a gradient
+        that does not depend on the noise: in the variational objective E_q[l(theta)] + R(m)
+        its natural-gradient contribution to the precision is zero. Recorded with the
+        sample's gradient it would enter hhat = g * z / sigma as zero-mean noise of size
+        |grad R| / sigma, which IVON's Riemannian correction turns into an upward bias of h
+        and, for a large R, into a noisy precision. Here it joins the momentum (the mean
+        update) and nothing else. ``grads`` follows the order of the trainable parameters
+        (``params``); None entries count as zero. Call between samples, before ``step()``.
+        """
+        grads = list(grads)
+        if len(grads) != len(self._params):
+            raise ValueError(f"IVON: add_mean_gradient needs {len(self._params)} gradients, got {len(grads)}")
+        if self._mean_grad is None:
+            self._mean_grad = torch.zeros_like(self._flat)
+        for g, p, offset, n in zip(grads, self._params, self._offsets, self._numels, strict=True):
+            if g is None:
+                continue
+            if g.shape != p.shape:
+                raise ValueError(f"IVON: a mean gradient of shape {tuple(g.shape)} for a parameter of {tuple(p.shape)}")
+            self._mean_grad[offset : offset + n].add_(g.reshape(-1))
+        self._has_mean_grad = True
+
     # ------------------------------------------------------------------ update
 
     @torch.no_grad()
@@ -427,6 +461,10 @@ class IVON(torch.optim.Optimizer):
         if self._count > 1:
             ghat.div_(self._count)
             grad_noise.div_(self._count)
+        if self._has_mean_grad:  # a term of the mean: momentum only, no curvature
+            ghat.add_(self._mean_grad)
+            self._mean_grad.zero_()
+            self._has_mean_grad = False
         kept = [(i, self._snapshot(i)) for i, active in enumerate(self._active) if not active]
         hhat = hessian_estimate(grad_noise, self._std, out=grad_noise)
         for group, sl in zip(self.param_groups, self._group_slices, strict=True):
@@ -440,7 +478,11 @@ class IVON(torch.optim.Optimizer):
             lr = group["lr"] * (group["hess_init"] + group["weight_decay"]) if self.rescale_lr else group["lr"]
             debias = 1.0 - beta1**self._step_count if self.debias else 1.0
             clip_radius = group["clip_radius"]
-            mean_update(mean, momentum, hess, delta, self._prior_mean[sl], lr, debias, clip_radius, out=mean, work=work)
+            curvature = None if self._mean_curvature is None else self._mean_curvature[sl]
+            mean_update(
+                mean, momentum, hess, delta, self._prior_mean[sl], lr, debias, clip_radius,
+                curvature=curvature, out=mean, work=work,
+            )
         for i, values in kept:
             for buffer, value in zip((self._flat, self._hess, self._momentum), values, strict=True):
                 buffer[self._slice(i)] = value
@@ -520,6 +562,24 @@ class IVON(torch.optim.Optimizer):
     def prior(self) -> DiagonalGaussian:
         return DiagonalGaussian(mean=self.prior_mean, precision=self.prior_precision)
 
+    @property
+    def mean_curvature(self) -> Tensor:
+        """c: diagonal curvature, per example (h's units), of loss terms of the mean; 0 by default.
+
+        A term R(m) of the posterior mean (``add_mean_gradient``) has no curvature in the
+        variational objective, so it is not in h; but its stiffness matters to the mean's
+        step. ``mean_update`` divides by h + delta + c, a Newton step on the data *and* the
+        term, so the term cannot make the step unstable whatever its weight. The posterior
+        (sigma, ``precision``) is unchanged.
+        """
+        if self._mean_curvature is None:
+            return torch.zeros_like(self._flat)
+        return self._mean_curvature.clone()
+
+    @mean_curvature.setter
+    def mean_curvature(self, value: Tensor | float | None) -> None:
+        self._mean_curvature = None if value is None else self._as_flat("mean curvature", value, nonnegative=True)
+
     def set_prior(self, mean: Tensor | float | None = None, precision: Tensor | float | None = None) -> None:
         """Set the prior N(mean, 1 / precision): flat tensors (or scalars), *total* precision >= 0."""
         self._commit(
@@ -557,6 +617,7 @@ class IVON(torch.optim.Optimizer):
             "mc_samples": self.mc_samples,
             "rescale_lr": self.rescale_lr,
             "debias": self.debias,
+            "mean_curvature": None if self._mean_curvature is None else self._mean_curvature.clone(),
         }
         return state
 
@@ -575,3 +636,4 @@ class IVON(torch.optim.Optimizer):
         self._step_count = int(ivon["step"])
         self.mc_samples = int(ivon["mc_samples"])
         self.rescale_lr, self.debias = bool(ivon["rescale_lr"]), bool(ivon["debias"])
+        self.mean_curvature = ivon.get("mean_curvature")

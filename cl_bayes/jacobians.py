@@ -250,6 +250,21 @@ def _scaled_rows(model, x, mask, used, std, kwargs) -> Tensor:
     return out
 
 
+def class_jacobian_rows(
+    model: nn.Module,
+    x: Tensor,
+    *,
+    used: Tensor,
+    params: Tensor | None = None,
+    output: Output = "logits",
+    class_mask: Tensor | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Per-example Jacobian rows of the classes where ``used`` (C,) is True: (N, C', P), preallocated."""
+    kwargs = dict(params=params, output=output, chunk_size=chunk_size)
+    return _scaled_rows(model, x, class_mask, used, 1.0, kwargs)
+
+
 def class_kernels(
     model: nn.Module,
     x: Tensor,

@@ -230,3 +230,42 @@ def test_invalid_arguments():
             torch.randn(2, D_IN),
             class_mask=torch.zeros(2, C, dtype=torch.bool),
         )
+
+
+def _explicit_term(prior: FunctionalPrior, model: nn.Module, flat: torch.Tensor) -> torch.Tensor:
+    """tau/2 sum_s r_s^T K_s^{-1} r_s written out per form, differentiable twice."""
+    total = flat.new_zeros(())
+    for t in prior.tasks:
+        r = model_outputs(model, t.inputs, params=flat, output="probs", class_mask=t.class_mask) - t.probs
+        if prior.kernel == "block":
+            total = total + torch.einsum("ic,cij,jc->", r, t.kernel_inverse, r)
+        elif prior.kernel == "full":
+            total = total + torch.einsum("ic,icd,id->", r, t.kernel_inverse, r)
+        else:
+            total = total + r.square().sum()
+    return 0.5 * prior.tau * total
+
+
+@pytest.mark.parametrize("form", ["block", "full", "identity"])
+def test_curvature_is_the_diagonal_of_the_terms_hessian_at_the_anchor(form):
+    model, posterior, prior = _two_task_prior(form)
+    hessian = torch.autograd.functional.hessian(lambda w: _explicit_term(prior, model, w), posterior.mean)
+    ours = prior.curvature(model)
+    assert ours.shape == posterior.mean.shape and ours.min() >= 0 and ours.max() > 1e-3
+    torch.testing.assert_close(ours, torch.diagonal(hessian), atol=1e-8, rtol=1e-6)
+    assert prior.curvature(model) is not ours and torch.equal(prior.curvature(model), ours)  # cached, copied
+    prior.tau = 2 * prior.tau
+    torch.testing.assert_close(prior.curvature(model), 2 * ours)
+
+
+def test_curvature_follows_reanchoring_and_is_zero_without_tasks():
+    model, posterior, prior = _two_task_prior("block")
+    before = prior.curvature(model)
+    moved = DiagonalGaussian(posterior.mean + 0.3, posterior.precision * 4.0)  # a more certain, shifted posterior
+    prior.reanchor(model, moved)
+    after = prior.curvature(model)
+    hessian = torch.autograd.functional.hessian(lambda w: _explicit_term(prior, model, w), moved.mean)
+    torch.testing.assert_close(after, torch.diagonal(hessian), atol=1e-8, rtol=1e-6)
+    assert not torch.allclose(after, before)
+    empty = FunctionalPrior(tau=1.0)
+    assert torch.equal(empty.curvature(model), torch.zeros_like(posterior.mean))

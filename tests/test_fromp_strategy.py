@@ -52,7 +52,7 @@ class Spy(SupervisedPlugin):
         if strategy.clock.train_exp_iterations == 0 and len(self.fromp.prior):
             self.at_mean_first_step.append(float(self.fromp.prior(strategy.model.net)))
 
-    def before_backward(self, strategy, **kwargs):
+    def before_update(self, strategy, **kwargs):  # after every sample's backward (and the term at the mean)
         if len(self.fromp.prior):
             self.checks.append((float(strategy.loss), float(strategy.criterion()), float(self.fromp.last_penalty)))
 
@@ -102,16 +102,20 @@ def test_default_term_regularises_the_posterior_mean_not_its_samples(bundle):
         strategy, fromp = make_strategy(bundle, **kwargs)  # None: the plugin's defaults
         seen = first_step.setdefault(term_at, [])
 
-        class FirstStep(SupervisedPlugin):
-            def before_backward(self, strategy, fromp=fromp, seen=seen, **kwargs):
-                if strategy.clock.train_exp_iterations == 0 and len(fromp.prior):
+        class FirstStep(SupervisedPlugin):  # at the mean: once per step (before_update); at samples: per sample
+            def after_backward(self, strategy, fromp=fromp, seen=seen, term_at=term_at, **kwargs):
+                if term_at == "network" and strategy.clock.train_exp_iterations == 0 and len(fromp.prior):
+                    seen.append(float(fromp.last_penalty))
+
+            def before_update(self, strategy, fromp=fromp, seen=seen, term_at=term_at, **kwargs):
+                if term_at is None and strategy.clock.train_exp_iterations == 0 and len(fromp.prior):
                     seen.append(float(fromp.last_penalty))
 
         strategy.plugins.append(FirstStep())
         strategy.mc_samples = 3  # three posterior samples in the first step
         for exp in bundle.benchmark.train_stream[:2]:
             strategy.train(exp)
-    assert first_step[None] == pytest.approx([0.0, 0.0, 0.0], abs=1e-9)
+    assert first_step[None] == pytest.approx([0.0], abs=1e-9)  # one evaluation for the three samples
     assert len(first_step["network"]) == 3 and min(first_step["network"]) > 1e-6  # the samples' own noise
 
 
@@ -179,35 +183,40 @@ def test_specs_resolve_with_the_documented_memory_sizes(make_config):
             make_config("ivon-fromp", **bad)
 
 
-def test_term_at_mean_has_the_value_and_gradient_of_the_term_at_the_posterior_mean():
-    from types import SimpleNamespace
+def test_term_at_mean_gives_ivon_the_gradient_at_the_posterior_mean_once_per_step(bundle):
+    """With IVON the default term is evaluated after the samples, at the mean, and its gradient
+    goes to ``IVON.add_mean_gradient`` (the momentum, not the Hessian estimate)."""
+    from cl_bayes.fromp import regulariser_gradient
 
-    from cl_bayes.avalanche.fromp_plugin import _at_mean
-    from cl_bayes.fromp import FunctionalPrior
-    from cl_bayes.jacobians import flat_parameters, unflatten
-    from cl_bayes.posterior import DiagonalGaussian
+    strategy, fromp = make_strategy(bundle)
+    strategy.mc_samples = 2
+    seen = []
+    record = strategy.optimizer.add_mean_gradient
 
-    torch.manual_seed(3)
-    net = MLP(in_features=6, hidden=[5], num_classes=3)
-    mean = flat_parameters(net)
-    prior = FunctionalPrior(tau=2.0, kernel="block", eps=1e-3)
-    prior.add_task(net, DiagonalGaussian(mean, torch.full_like(mean, 5.0)), torch.randn(4, 6))
-    with torch.no_grad():  # train a little away from the stored mean, then sample around a new mean
-        for p in net.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    new_mean = flat_parameters(net)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.5 * torch.randn_like(p))  # the "sample" the strategy trains
-    at_mean = prior(net, _at_mean(net, SimpleNamespace(mean=new_mean)))
-    at_mean.backward()
-    got = torch.cat([p.grad.reshape(-1) for p in net.parameters()])
-    leaf = new_mean.clone().requires_grad_(True)
-    expected = prior(net, unflatten(net, leaf))
-    (grad,) = torch.autograd.grad(expected, leaf)
-    assert float(at_mean) == pytest.approx(float(expected), rel=1e-6)
-    assert torch.allclose(got, grad, rtol=1e-5, atol=1e-8)
-    assert float(at_mean) != pytest.approx(float(prior(net)), rel=1e-3)  # the sample's value differs
+    def spy(grads):
+        grads = list(grads)
+        net = strategy.model.net
+        with torch.no_grad():  # the weights hold the mean here, not a sample
+            assert torch.equal(torch.cat([p.reshape(-1) for p in strategy.optimizer.params]), strategy.optimizer.mean)
+        was = net.training
+        net.eval()
+        expected = regulariser_gradient(fromp.prior, net)
+        net.train(was)
+        got = torch.cat([torch.zeros_like(p).reshape(-1) if g is None else g.reshape(-1)
+                         for p, g in zip(strategy.optimizer.params, grads, strict=True)])
+        seen.append((got, expected))
+        record(grads)
+
+    strategy.optimizer.add_mean_gradient = spy
+    strategy.train(bundle.benchmark.train_stream[0])
+    assert not seen  # nothing to regularise towards in experience 1
+    strategy.train(bundle.benchmark.train_stream[1])
+    iterations = strategy.clock.train_exp_iterations
+    assert len(seen) == iterations  # once per step, not once per sample
+    assert float(seen[0][0].abs().max()) == 0.0  # first step: the mean is the anchored mean
+    assert any(float(got.abs().max()) > 0 for got, _ in seen[1:])
+    for got, expected in seen:
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize("extra", [{"posterior": "laplace", "anchor": "latest", "selection": "lambda"},
@@ -216,3 +225,17 @@ def test_ivon_fromp_bisection_settings_run(extra, make_config, mnist_root):
     result = runner.run(make_config("ivon-fromp", memory_size=MEMORY, **extra))
     validate(result)
     assert len(result["accuracy_matrix"]) == 5
+
+
+@pytest.mark.parametrize("term_curvature", [True, False])
+def test_term_curvature_becomes_ivons_mean_curvature_after_each_experience(bundle, term_curvature):
+    strategy, fromp = make_strategy(bundle, term_curvature=term_curvature)
+    assert torch.equal(strategy.optimizer.mean_curvature, torch.zeros_like(strategy.optimizer.mean))
+    for exp in bundle.benchmark.train_stream[:2]:
+        strategy.train(exp)
+        curvature = strategy.optimizer.mean_curvature
+        if term_curvature:  # the term's Hessian diagonal at the anchors of every stored task
+            assert torch.allclose(curvature, fromp.prior.curvature(strategy.model.net)) and curvature.max() > 0
+        else:
+            assert not curvature.any()
+    assert fromp.seconds["curvature"] > 0 if term_curvature else fromp.seconds["curvature"] == 0

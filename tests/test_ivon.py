@@ -170,6 +170,42 @@ def test_zero_precision_prior_is_plain_ivon():
     torch.testing.assert_close(ours.hess, ref.param_groups[0]["hess"], rtol=1e-5, atol=1e-6)
 
 
+def test_mean_gradient_enters_the_momentum_and_not_the_hessian_estimate():
+    """add_mean_gradient(G): the step is the one whose ghat is the samples' average + G, with the
+    Hessian of the step without G (a term of the mean has no curvature), and it is consumed."""
+    models = [make_model() for _ in range(3)]
+    opts = [IVON(m.parameters(), lr=0.1, ess=50.0, mc_samples=2, hess_init=0.5) for m in models]
+    extra = [torch.randn_like(p) for p in models[0].parameters()]
+    extra[1] = None  # a parameter the term does not touch
+    for t in range(3):
+        for k, (opt, model) in enumerate(zip(opts, models, strict=True)):
+            torch.manual_seed(t)
+            for _ in range(2):
+                with opt.sampled_params(train=True):
+                    opt.zero_grad()
+                    loss_fn(model).backward()
+                    if k == 2:  # the same G added to each sample's gradient: enters ghat *and* hhat
+                        for p, g in zip(model.parameters(), extra, strict=True):
+                            if g is not None:
+                                p.grad += g
+            if k == 1:
+                opt.add_mean_gradient(extra)
+            opt.step()
+        plain, with_mean, in_samples = opts
+        torch.testing.assert_close(with_mean.hess, plain.hess)  # same noise, same hhat: G adds no curvature
+        assert not torch.allclose(in_samples.hess, plain.hess)  # through the samples it would
+        torch.testing.assert_close(with_mean._momentum, in_samples._momentum)  # ghat + G either way
+        for opt in opts:  # keep the three on the same posterior for the next step's check
+            opt.hess = plain.hess
+            opt._momentum.copy_(in_samples._momentum)
+            opt._flat.copy_(in_samples._flat)
+    with pytest.raises(ValueError, match="gradients"):
+        opts[1].add_mean_gradient(extra[:2])
+    with pytest.raises(ValueError, match="shape"):
+        opts[1].add_mean_gradient([torch.zeros(2)] + extra[1:])
+    assert not opts[1]._has_mean_grad  # each G is used by one step only
+
+
 # ----------------------------------------------------------------------------- sampling
 
 

@@ -1,23 +1,32 @@
 """FROMP inside Avalanche: a thin plugin over ``cl_bayes.fromp.FunctionalPrior``.
 
-``FunctionalRegularisationPlugin`` uses two hooks, in this order within an experience:
+``FunctionalRegularisationPlugin`` uses three hooks, in this order within an experience:
 
-1. ``before_backward`` (every training step of experiences 2, 3, ...): adds the
-   functional prior of all past experiences to the loss,
-   ``strategy.loss += tau / 2 * sum_s r_s^T K_s^{-1} r_s`` (``FunctionalPrior``),
-   evaluated at the posterior mean (``term_at="mean"``, the default). Inside
-   ``IVONStrategy`` this hook runs inside ``optimizer.sampled_params``, once per
-   posterior sample, while the weights hold the sample: the term is evaluated at
-   ``w - (w - m)``, the mean m in value and the weights in gradient, so its gradient at
-   the mean joins the sample's data gradient and adds nothing to IVON's Hessian
-   estimate. ``term_at="network"`` evaluates it at the sampled network instead, which
-   penalises the posterior's own spread: at a sample the residual carries the noise
-   ``J sigma eps``, amplified by ``K^{-1}`` where the old posterior was certain (expected
-   value ``r(m)^T K^-1 r(m) + tr(K^-1 J Sigma J^T)``); measured in ``docs/BISECTION.md``
-   (split MNIST, validation: 98.72 % at the mean against 87.76 % at samples with FROMP's
-   anchoring, and ECE 0.58 against 6.64 % with ``ivon-fromp``'s). With a deterministic
-   optimizer (Adam) the two are the same. One forward pass over all memories, one
-   backward pass shared with the data loss.
+1. every training step of experiences 2, 3, ...: the functional prior of all past
+   experiences, ``tau / 2 * sum_s r_s^T K_s^{-1} r_s`` (``FunctionalPrior``), evaluated at
+   the posterior mean (``term_at="mean"``, the default):
+
+   * ``before_update`` with IVON (``IVONStrategy``): after the step's posterior samples,
+     while the weights hold the mean, the term is evaluated once and its gradient goes to
+     ``IVON.add_mean_gradient``: into the momentum (the mean's update), not into the
+     Hessian estimate. A term of the mean has no curvature in the variational objective;
+     recorded with a sample's gradient it would add zero-mean noise ``grad R * z / sigma``
+     to IVON's ``hhat`` (``docs/BISECTION.md``). Its value is added to ``strategy.loss``
+     for logging. With ``term_curvature`` (the default) the term's Hessian at its anchors,
+     ``tau * diag(sum_s J_s^T K_s^{-1} J_s)`` (``FunctionalPrior.curvature``, set in hook 2),
+     is IVON's ``mean_curvature``: the mean's step divides by ``h + delta + c``. Without it
+     IVON preconditions only by the data's ``h`` and the term, whose curvature in the
+     memorable directions is ~``tau * ess * (h + delta)``, makes the step unstable once
+     ``lr * tau * ess`` exceeds ~1 (the collapses in the specs' comments and
+     ``docs/BISECTION.md``).
+   * ``before_backward`` otherwise: added to ``strategy.loss`` (one backward pass shared
+     with the data loss). With a deterministic optimizer (Adam) the trained weights are
+     the mean. ``term_at="network"`` (bisection only) evaluates it there at each IVON
+     sample, which penalises the posterior's own spread: at a sample the residual carries
+     the noise ``J sigma eps``, amplified by ``K^{-1}`` where the old posterior was
+     certain (expected value ``r(m)^T K^-1 r(m) + tr(K^-1 J Sigma J^T)``); measured in
+     ``docs/BISECTION.md`` (split MNIST, validation: 98.72 % at the mean against 87.76 %
+     at samples with FROMP's anchoring).
 2. ``after_training_exp`` (end of each experience): reads the experience's training
    examples, chooses ``memory_size`` of them (class-balanced, ``cl_bayes.memory``) by
    ``selection``, takes the posterior, then ``FunctionalPrior.add_task(net, posterior, x,
@@ -126,21 +135,6 @@ def _optimizer_posterior(strategy):
     return posterior
 
 
-def _at_mean(net, optimizer) -> dict[str, Tensor] | None:
-    """{name: w - (w - m)}: the posterior mean m in value, the trained weights w in gradient.
-
-    Evaluating the term there gives its gradient *at the mean* in ``w.grad``, where the
-    optimizer collects the data gradient of the sampled network (IVON); the term then
-    adds no curvature to IVON's Hessian estimate (its gradient does not depend on the noise).
-    """
-    mean = getattr(optimizer, "mean", None)
-    if not isinstance(mean, Tensor):
-        return None  # a deterministic optimizer (Adam): the trained weights are the mean
-    named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
-    chunks = mean.split([p.numel() for _, p in named])
-    return {n: p - (p.detach() - m.view_as(p)) for (n, p), m in zip(named, chunks, strict=True)}
-
-
 def laplace_batches(strategy, data: ExperienceData, batch_size: int = LAPLACE_BATCH):
     """(x, class mask) batches of every training example of the experience, on the model's device."""
     device = next(unwrap(strategy.model).parameters()).device
@@ -175,6 +169,7 @@ class FunctionalRegularisationPlugin(SupervisedPlugin):
         laplace: DiagonalLaplace | None = None,
         anchor: str = "experience",
         term_at: str = "mean",
+        term_curvature: bool = True,
     ):
         super().__init__()
         if anchor not in ANCHORS:
@@ -191,22 +186,50 @@ class FunctionalRegularisationPlugin(SupervisedPlugin):
         self.laplace = laplace
         self.anchor = anchor
         self.term_at = term_at
+        self.term_curvature = bool(term_curvature)
         self.memory_indices: list[Tensor] = []  # per past experience: indices into its training dataset
         self.last_penalty: Tensor | None = None  # the term added at the latest step (detached)
-        self.seconds = {"laplace": 0.0, "kernels": 0.0}  # wall time of the end-of-experience passes
+        self.seconds = {"laplace": 0.0, "kernels": 0.0, "curvature": 0.0}  # wall time of the end-of-experience passes
 
     # -- hook 1: every training step ---------------------------------------------
+    def _term_of_the_mean(self, strategy) -> bool:
+        """True when the term's gradient goes to IVON's momentum only (``add_mean_gradient``)."""
+        return self.term_at == "mean" and hasattr(strategy.optimizer, "add_mean_gradient")
+
     def before_backward(self, strategy, **kwargs):
-        if not len(self.prior):
+        if not len(self.prior) or self._term_of_the_mean(strategy):
             return
         net = unwrap(strategy.model)
         was_training = net.training
         net.eval()
         try:
-            penalty = self.prior(net, _at_mean(net, strategy.optimizer) if self.term_at == "mean" else None)
+            penalty = self.prior(net)
         finally:
             net.train(was_training)
         strategy.loss += penalty
+        self.last_penalty = penalty.detach()
+
+    def before_update(self, strategy, **kwargs):
+        """With IVON and ``term_at="mean"``: the term at the mean, once per step, gradient to the momentum only.
+
+        Here the posterior samples are over and the weights hold the mean. The term's
+        gradient does not depend on IVON's noise; recorded with a sample's gradient it would
+        only add zero-mean noise ``grad R * z / sigma`` to the Hessian estimate
+        (``IVON.add_mean_gradient``). One evaluation per step whatever ``mc_samples``.
+        """
+        if not len(self.prior) or not self._term_of_the_mean(strategy):
+            return
+        net = unwrap(strategy.model)
+        was_training = net.training
+        net.eval()
+        try:
+            penalty = self.prior(net)
+            params = strategy.optimizer.params
+            grads = torch.autograd.grad(penalty, params, allow_unused=True)
+        finally:
+            net.train(was_training)
+        strategy.optimizer.add_mean_gradient(grads)
+        strategy.loss = strategy.loss + penalty.detach()
         self.last_penalty = penalty.detach()
 
     # -- hook 2: end of each experience ------------------------------------------
@@ -233,6 +256,10 @@ class FunctionalRegularisationPlugin(SupervisedPlugin):
                 self.prior.reanchor(net, posterior)
             self.prior.add_task(net, posterior, x, class_mask=mask)
             self.seconds["kernels"] += time.perf_counter() - start
+            if self.term_curvature and self._term_of_the_mean(strategy) and hasattr(strategy.optimizer, "mean_curvature"):
+                start = time.perf_counter()
+                strategy.optimizer.mean_curvature = self.prior.curvature(net)
+                self.seconds["curvature"] += time.perf_counter() - start
         finally:
             net.train(was_training)
         self.memory_indices.append(chosen)

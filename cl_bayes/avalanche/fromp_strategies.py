@@ -72,8 +72,11 @@ class FunctionalParams:
     prior_precision: float = 1e-3  # posterior = "laplace": delta of Sigma^-1 = delta + sum GGN
     anchor: str = "experience"  # experience: each task keeps its own posterior; latest: re-anchor (FROMP)
     term_at: str = "mean"  # evaluate the term at the posterior mean, or at the sampled network (docs/BISECTION.md)
+    term_curvature: bool = True  # the term's Hessian at its anchors joins IVON's preconditioner (term_at mean)
 
     def __post_init__(self):
+        if not isinstance(self.term_curvature, bool):
+            raise ValueError(f"term_curvature must be true or false, got {self.term_curvature!r}")
         if self.posterior not in ("ivon", "laplace"):
             raise ValueError(f"posterior must be ivon or laplace, got {self.posterior!r}")
         if not self.prior_precision > 0:
@@ -105,6 +108,7 @@ def functional_plugin(ctx: BuildContext) -> FunctionalRegularisationPlugin:
     return FunctionalRegularisationPlugin(
         tau=p.tau, memory_size=p.memory_size, kernel=p.kernel, eps=p.eps, selection=p.selection,
         estimator=p.estimator, seed=ctx.config.seed, laplace=laplace, anchor=p.anchor, term_at=p.term_at,
+        term_curvature=p.term_curvature,
     )
 
 
