@@ -1,4 +1,5 @@
-# make bench: create .venv if missing, install, run the default suite.
+# make bench: create .venv if missing, install, run the default suite into a fresh runs/<date-time>/
+#             and compare every cell with the committed reference (results/); exit 1 on a regression.
 # make test:  same set-up, then the tests (slow ones excluded).
 PYTHON ?= python3
 VENV ?= .venv
@@ -21,7 +22,7 @@ $(BIN)/cl-bayes: pyproject.toml
 install: $(BIN)/cl-bayes
 
 bench: install
-	$(BIN)/cl-bayes suite $(SUITE) --jobs $(JOBS)
+	$(BIN)/cl-bayes bench $(SUITE) --jobs $(JOBS)
 
 test: install
 	$(BIN)/python -m pytest -q

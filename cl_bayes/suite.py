@@ -181,10 +181,43 @@ def run_local(requests: list[RunRequest], *, jobs: int, on_result: Callable[[dic
             on_result(execute(r))
         return
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch thread pools
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_init) as pool:
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_init)
+    try:
         futures = [pool.submit(execute, r) for r in requests]
         for future in as_completed(futures):
             on_result(future.result())
+    except KeyboardInterrupt:
+        _stop_pool(pool)
+        remove_partial_files(requests)
+        raise
+    pool.shutdown(wait=True)
+
+
+def _stop_pool(pool: ProcessPoolExecutor, grace_s: float = 1.0) -> None:
+    """Stop a pool at once: cancel what has not started, give running workers ``grace_s`` to exit on their
+    own (Ctrl-C reaches them too and their atomic writes clean up), then terminate the rest."""
+    processes = list(getattr(pool, "_processes", {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    deadline = time.monotonic() + grace_s
+    for p in processes:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in processes:
+        if p.is_alive():
+            p.terminate()
+    for p in processes:
+        p.join(0.5)
+
+
+def remove_partial_files(requests: Iterable[RunRequest]) -> list[Path]:
+    """Delete the temporary files an interrupted atomic write can leave beside a request's results file."""
+    removed = []
+    for r in requests:
+        folder = r.path.parent
+        if folder.is_dir():
+            for tmp in folder.glob(f".{r.path.name}.*.tmp"):
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+    return removed
 
 
 def summary_frame(results_root: str | os.PathLike, suite: Suite):
