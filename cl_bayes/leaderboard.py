@@ -3,12 +3,15 @@
 Entry points (each takes explicit paths and returns what it wrote):
 
 * ``write_leaderboard(results_root, md_path=None, csv_path=None)`` -> ``[md, csv]``
+* ``write_leaderboard_html(results_root, html_path=None)`` -> the static page's path
 * ``submit(files, results_root)`` -> the paths of the added results files
 * ``build_leaderboard(results_root)`` -> a ``pandas.DataFrame`` (writes nothing)
 
 Results are read from ``<results_root>/<protocol>/<benchmark>/<strategy>/seed<K>.json``
 (see ``cl_bayes.results``); a file whose contents disagree with its path is an error.
-Pure pandas: no torch or Avalanche import.
+Rows are (strategy, configuration) and carry a verification status; the strategy
+registry and specs are read to tell a run's configuration from its spec's (see
+``build_leaderboard``), so Avalanche is imported when a leaderboard is built.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from cl_bayes import metrics as M
 from cl_bayes.protocols import BENCHMARKS as _BENCHMARKS
 from cl_bayes.protocols import PROTOCOLS
 from cl_bayes.results import ResultsError, load, result_path, validate, write_atomic, write_bytes_atomic
+from cl_bayes.verify import IGNORED_CONFIG_KEYS, load_records, status_of
 
 # Registered names come from the benchmark registry.
 BENCHMARKS: tuple[str, ...] = tuple(_BENCHMARKS)
@@ -35,7 +39,9 @@ BENCHMARKS: tuple[str, ...] = tuple(_BENCHMARKS)
 REGENERATE_COMMAND = "cl-bayes leaderboard"
 MD_NAME = "LEADERBOARD.md"
 CSV_NAME = "leaderboard.csv"
+HTML_NAME = "leaderboard.html"
 METRIC_TOL = 1e-6  # absolute tolerance for recomputed metrics in submissions
+DESCRIPTION_MAX = 300  # characters of a submission's one-line description
 STRATEGY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 # Columns of build_leaderboard(), in order.
@@ -43,7 +49,12 @@ COLUMNS: tuple[str, ...] = (
     "protocol",
     "benchmark",
     "rank",
+    "row",
     "strategy",
+    "config",
+    "status",
+    "n_verified",
+    "n_failed",
     "n_seeds",
     "seeds",
     "accuracy_mean",
@@ -61,7 +72,11 @@ COLUMNS: tuple[str, ...] = (
     "peak_memory_mb",
     "memory_size",
     "spec",
+    "description",
 )
+
+# Row status, in display order within each table: verified rows first, then the rest.
+STATUS_ORDER: tuple[str, ...] = ("verified", "unverified", "verification failed", "external, unverified")
 
 
 class SubmissionError(ValueError):
@@ -98,16 +113,109 @@ def _num(v: Any) -> float:
     return float("nan") if v is None else float(v)
 
 
-def runs_frame(runs: Iterable[dict[str, Any]]) -> pd.DataFrame:
-    """One row per run with the scalar fields the leaderboard and plots use."""
+# --------------------------------------------------------------------------- configurations
+
+
+def _toml_value(v: Any) -> str:
+    """A value as ``--set`` takes it: ``6``, ``0.01``, ``"online"``, ``true``, ``[100, 100]``."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if v is None:
+        return "null"
+    return repr(v)
+
+
+def flat_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Training settings and strategy parameters in one mapping, without the row's own keys and the device."""
+    flat = {k: v for k, v in config.items() if k != "params" and k not in IGNORED_CONFIG_KEYS}
+    params = config.get("params")
+    if isinstance(params, dict):
+        flat.update(params)
+    return flat
+
+
+class SpecConfigs:
+    """The configuration each registered strategy's spec resolves to, per (strategy, benchmark, protocol).
+
+    ``None`` for a strategy name the registry does not know (an external method). Specs are read
+    from ``specs`` (default: ``./strategies``, see ``cl_bayes.config.specs_dir``); the registry is
+    imported on first use only.
+    """
+
+    def __init__(self, specs: str | os.PathLike | None = None):
+        self.specs = specs
+        self._cache: dict[tuple[str, str, str], dict[str, Any] | None] = {}
+        self._names: set[str] | None = None
+
+    def registered(self) -> set[str]:
+        if self._names is None:
+            from cl_bayes.avalanche import strategies
+
+            self._names = set(strategies.names())
+        return self._names
+
+    def __call__(self, strategy: str, benchmark: str, protocol: str) -> dict[str, Any] | None:
+        key = (strategy, benchmark, protocol)
+        if key not in self._cache:
+            if strategy not in self.registered():
+                self._cache[key] = None
+            else:
+                from cl_bayes import config as C
+                from cl_bayes.avalanche import strategies
+
+                spec, path = C.load_spec(strategy, self.specs)
+                cfg = C.resolve(benchmark=benchmark, strategy=strategy, seed=0, protocol=protocol,
+                                params_cls=strategies.get(strategy).params_cls, spec=spec, spec_path=path)
+                self._cache[key] = flat_config(cfg.to_dict())
+        return self._cache[key]
+
+
+def config_difference(recorded: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
+    """The recorded values that differ from the spec's, for keys both know (sorted by key).
+
+    A key missing from the recorded config (the file predates it) or unknown to today's spec
+    resolution is not compared; ``device`` and the row's own keys never are.
+    """
+    rec = flat_config(recorded)
+    return {k: rec[k] for k in sorted(rec) if k in spec and rec[k] != spec[k]}
+
+
+def config_label(difference: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={_toml_value(v)}" for k, v in difference.items())
+
+
+def row_label(strategy: str, config: str) -> str:
+    return f"{strategy} ({config})" if config else strategy
+
+
+def runs_frame(runs: Iterable[dict[str, Any]], *, specs: SpecConfigs | None = None,
+               records: dict[str, dict[str, Any]] | None = None) -> pd.DataFrame:
+    """One row per run with the scalar fields the leaderboard and plots use.
+
+    With ``specs``, ``config`` is the run's difference from its spec (``config_label``) and
+    ``external`` says the strategy is not registered; with ``records`` (``cl_bayes.verify``),
+    ``verification`` is the run's verification status.
+    """
     rows = []
     for r in runs:
         m = r["metrics"]
+        spec = specs(r["strategy"], r["benchmark"], r["protocol"]) if specs is not None else None
+        external = specs is not None and spec is None
+        label = config_label(config_difference(r.get("config") or {}, spec)) if spec is not None else ""
+        description = r.get("description")
         rows.append(
             {
                 "protocol": r["protocol"],
                 "benchmark": r["benchmark"],
                 "strategy": r["strategy"],
+                "config": label,
+                "external": external,
+                "verification": status_of(r, records) if records is not None else "unverified",
+                "description": description.strip() if isinstance(description, str) else "",
                 "seed": r["seed"],
                 "accuracy": _num(m["average_accuracy"]),
                 "forgetting": _num(m["forgetting"]),
@@ -121,8 +229,9 @@ def runs_frame(runs: Iterable[dict[str, Any]]) -> pd.DataFrame:
                 "path": r.get("_path", ""),
             }
         )
-    columns = ["protocol", "benchmark", "strategy", "seed", "accuracy", "forgetting", "bwt", "nll", "ece",
-               "time_total", "peak_memory_mb", "memory_size", "spec", "path"]  # fmt: skip
+    columns = ["protocol", "benchmark", "strategy", "config", "external", "verification", "description", "seed",
+               "accuracy", "forgetting", "bwt", "nll", "ece", "time_total", "peak_memory_mb", "memory_size",
+               "spec", "path"]  # fmt: skip
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -135,9 +244,20 @@ def _order(values: Iterable[str], registered: Iterable[str]) -> list[str]:
 # --------------------------------------------------------------------------- leaderboard
 
 
-def leaderboard_frame(runs: Iterable[dict[str, Any]]) -> pd.DataFrame:
+def _row_status(external: pd.Series, verification: pd.Series) -> str:
+    if external.any():
+        return "external, unverified"
+    if (verification == "failed").any():
+        return "verification failed"
+    if (verification == "verified").any():
+        return "verified"
+    return "unverified"
+
+
+def leaderboard_frame(runs: Iterable[dict[str, Any]], *, specs: SpecConfigs | None = None,
+                      records: dict[str, dict[str, Any]] | None = None) -> pd.DataFrame:
     """The leaderboard of already-loaded runs (see ``build_leaderboard``)."""
-    df = runs_frame(runs)
+    df = runs_frame(runs, specs=specs, records=records)
     if df.empty:
         return pd.DataFrame(columns=list(COLUMNS))
     parts = []
@@ -146,9 +266,14 @@ def leaderboard_frame(runs: Iterable[dict[str, Any]]) -> pd.DataFrame:
             sub = df[(df["protocol"] == protocol) & (df["benchmark"] == benchmark)]
             if sub.empty:
                 continue
-            g = sub.groupby("strategy", sort=True)
+            g = sub.groupby(["strategy", "config"], sort=True)
             table = pd.DataFrame(
                 {
+                    "status": g.apply(lambda t: _row_status(t["external"], t["verification"]),
+                                      include_groups=False),
+                    "n_verified": g["verification"].agg(lambda s: int((s == "verified").sum())),
+                    "n_failed": g["verification"].agg(lambda s: int((s == "failed").sum())),
+                    "description": g["description"].agg(lambda s: next((d for d in s if d), "")),
                     "n_seeds": g["seed"].nunique(),
                     "seeds": g["seed"].agg(lambda s: ",".join(str(x) for x in sorted(s))),
                     **{
@@ -161,25 +286,43 @@ def leaderboard_frame(runs: Iterable[dict[str, Any]]) -> pd.DataFrame:
                     "spec": g["spec"].agg(lambda s: "; ".join(sorted(set(s) - {""}))),
                 }
             ).reset_index()
-            table = table.sort_values(["accuracy_mean", "strategy"], ascending=[False, True], kind="mergesort")
-            table["rank"] = table["accuracy_mean"].rank(method="min", ascending=False).astype(int)
+            table["row"] = [row_label(s, c) for s, c in zip(table["strategy"], table["config"], strict=True)]
+            table["_group"] = table["status"].map(STATUS_ORDER.index)
+            table = table.sort_values(["_group", "accuracy_mean", "row"], ascending=[True, False, True],
+                                      kind="mergesort")
+            # rank: position among the rows shown before it; verified rows first, ties share the best rank
+            offset, ranks = 0, pd.Series(0, index=table.index)
+            for _, part in table.groupby("_group", sort=True):
+                ranks[part.index] = offset + part["accuracy_mean"].rank(method="min", ascending=False).astype(int)
+                offset += len(part)
+            table["rank"] = ranks.astype(int)
+            table = table.drop(columns="_group")
             table.insert(0, "benchmark", benchmark)
             table.insert(0, "protocol", protocol)
             parts.append(table)
     return pd.concat(parts, ignore_index=True)[list(COLUMNS)]
 
 
-def build_leaderboard(results_root: str | os.PathLike) -> pd.DataFrame:
-    """Per protocol and benchmark, strategies ranked by mean final average accuracy over seeds.
+def build_leaderboard(results_root: str | os.PathLike, *, specs: str | os.PathLike | None = None) -> pd.DataFrame:
+    """Per protocol and benchmark, rows ranked by mean final average accuracy over seeds.
 
-    One row per (protocol, benchmark, strategy), with columns ``COLUMNS``:
+    One row per (protocol, benchmark, strategy, configuration). ``config`` is how the
+    runs' recorded configuration differs from what the strategy's spec resolves to
+    today (``config_difference``; empty for the spec's own row) and ``row`` the label,
+    e.g. ``naive (epochs=6)``: a run with other settings is never averaged into the
+    spec's row. ``status`` is ``verified`` (at least one run reproduced by ``cl-bayes
+    verify``; ``n_verified`` counts them), ``unverified``, ``verification failed`` (a
+    rerun disagreed with a run's matrix; ``n_failed``) or ``external, unverified`` (a
+    strategy the registry does not know; ``description`` is the submitter's). Rows are
+    ordered by status in that order, then by accuracy; ``rank`` follows that order.
+    Other columns of ``COLUMNS``:
     ``<metric>_mean`` / ``<metric>_std`` over seeds (sample std, ddof=1; NaN
     for a single seed) of accuracy (final average accuracy), forgetting, bwt,
     nll, ece and time_total (total wall time of one run, seconds); the largest
     peak memory over seeds; the replay memory size; the spec file(s) used.
     Rank 1 is best; ties share the best rank. Fractions, not percent.
     """
-    return leaderboard_frame(load_runs(results_root))
+    return leaderboard_frame(load_runs(results_root), specs=SpecConfigs(specs), records=load_records(results_root))
 
 
 def _pm(mean: float, std: float, scale: float = 1.0, digits: int = 2) -> str:
@@ -206,10 +349,28 @@ def _cell(text: Any) -> str:
 
 
 MD_HEADER = (
-    "| # | Strategy | Avg. accuracy (%) | Seeds | Forgetting (pp) | BWT (pp) | NLL | ECE (%) "
-    "| Time / run | Peak mem (MB) | Memory | Spec |"
+    "| # | Strategy (configuration) | Avg. accuracy (%) | Seeds | Verified | Forgetting (pp) | BWT (pp) | NLL "
+    "| ECE (%) | Time / run | Peak mem (MB) | Memory | Spec |"
 )
-MD_ALIGN = "|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"
+MD_ALIGN = "|--:|---|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|---|"
+
+
+def verified_text(status: str, n_verified: int, n_failed: int, n_seeds: int) -> str:
+    """What the Verified column says: ``2/3``, ``0/3 (1 failed)``, or ``external, unverified``."""
+    if status == "external, unverified":
+        return status
+    return f"{n_verified}/{n_seeds}" + (f" ({n_failed} failed)" if n_failed else "")
+
+
+EXPLANATION = (
+    "Rows are (strategy, configuration): runs whose recorded configuration differs from the strategy's spec "
+    "(`strategies/<name>.toml` as resolved today) form their own row, labelled by the differing keys, e.g. "
+    "`naive (epochs=6)`. *Verified* counts the row's runs that `cl-bayes verify` reran with their recorded "
+    "configuration and reproduced (every accuracy-matrix entry within 1 point; records in `verified.json`). "
+    "In each table, rows with a verified run come first, then unverified rows, then rows with a failed "
+    "verification, then external methods (strategy names the registry does not know, with the submitter's "
+    "description); ranks follow that order."
+)
 
 
 def leaderboard_markdown(board: pd.DataFrame, *, command: str = REGENERATE_COMMAND, source: str = "results") -> str:
@@ -231,6 +392,8 @@ def leaderboard_markdown(board: pd.DataFrame, *, command: str = REGENERATE_COMMA
             "peak memory the largest over seeds, memory the replay-memory size."
         ),
         "",
+        EXPLANATION,
+        "",
     ]
     if board.empty:
         lines += ["No results yet.", ""]
@@ -241,11 +404,15 @@ def leaderboard_markdown(board: pd.DataFrame, *, command: str = REGENERATE_COMMA
             memory = "—" if pd.isna(row.memory_size) else str(int(row.memory_size))
             peak = "—" if pd.isna(row.peak_memory_mb) else f"{row.peak_memory_mb:.0f}"
             spec = f"`{row.spec}`" if row.spec else "—"
+            name = row.row
+            if row.status == "external, unverified" and row.description:
+                name += f" — {row.description}"
             cells = [
                 str(row.rank),
-                row.strategy,
+                name,
                 _pm(row.accuracy_mean, row.accuracy_std, 100),
                 str(row.n_seeds),
+                verified_text(row.status, row.n_verified, row.n_failed, row.n_seeds),
                 _pm(row.forgetting_mean, row.forgetting_std, 100),
                 _pm(row.bwt_mean, row.bwt_std, 100),
                 _pm(row.nll_mean, row.nll_std, 1, 3),
@@ -282,6 +449,36 @@ def write_leaderboard(
     return [md_path, csv_path]
 
 
+def write_leaderboard_html(
+    results_root: str | os.PathLike,
+    html_path: str | os.PathLike | None = None,
+    *,
+    command: str = REGENERATE_COMMAND,
+    plots: bool = True,
+    specs: str | os.PathLike | None = None,
+) -> Path:
+    """Write the static page (default ``<results_root>/leaderboard.html``; see ``cl_bayes.leaderboard_html``).
+
+    The plots are those of ``cl_bayes.plots`` drawn per row label, so a run with another
+    configuration is drawn as its own line, as in the tables.
+    """
+    from cl_bayes import leaderboard_html as H
+
+    root = Path(results_root)
+    html_path = Path(html_path) if html_path is not None else root / HTML_NAME
+    runs = load_runs(root)
+    spec_configs = SpecConfigs(specs)
+    board = leaderboard_frame(runs, specs=spec_configs, records=load_records(root))
+    figures = {}
+    if plots and runs:
+        labels = runs_frame(runs, specs=spec_configs)
+        relabelled = [{**r, "strategy": row_label(r["strategy"], c)} for r, c in zip(runs, labels["config"],
+                                                                                      strict=True)]
+        figures = H.figures_for(relabelled)
+    page = H.leaderboard_html(board, figures, command=command, source=str(results_root), explanation=EXPLANATION)
+    return write_bytes_atomic(html_path, page.encode(), overwrite=True)
+
+
 # --------------------------------------------------------------------------- submissions
 
 
@@ -293,7 +490,7 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _check_submission(data: dict[str, Any], source: str) -> None:
+def _check_submission(data: dict[str, Any], source: str, registered: set[str] | None = None) -> None:
     """The checks beyond ``results.validate``: every documented field, registered names,
     recomputed metrics. Raises ``SubmissionError``."""
 
@@ -315,6 +512,13 @@ def _check_submission(data: dict[str, Any], source: str) -> None:
         fail(f"unknown protocol '{data['protocol']}' (registered: {', '.join(PROTOCOLS)})")
     if not STRATEGY_NAME.match(data["strategy"]):
         fail(f"strategy name '{data['strategy']}' is not a plain name (letters, digits, . _ + -)")
+    description = data.get("description")
+    if description is not None and (not isinstance(description, str) or len(description) > DESCRIPTION_MAX
+                                    or "\n" in description):
+        fail(f"description must be one line of at most {DESCRIPTION_MAX} characters")
+    if registered is not None and data["strategy"] not in registered and not (description or "").strip():
+        fail(f"strategy '{data['strategy']}' is not registered: an outside method needs a 'description' field "
+             "(one line saying what it is); it is listed as external, unverified")
     if data["seed"] < 0:
         fail("seed must be non-negative")
     for key in ("torch", "avalanche-lib", "cl-bayes", "python"):
@@ -367,8 +571,12 @@ def _check_submission(data: dict[str, Any], source: str) -> None:
         fail(f"metrics.ece is {given} but the calibration table gives {ece}")
 
 
-def check_submission(file: str | os.PathLike) -> dict[str, Any]:
-    """Read and check one submitted results file; return its contents or raise ``SubmissionError``."""
+def check_submission(file: str | os.PathLike, registered: set[str] | None = None) -> dict[str, Any]:
+    """Read and check one submitted results file; return its contents or raise ``SubmissionError``.
+
+    ``registered``: the registered strategy names; a file naming another strategy must then
+    carry a one-line ``description`` (an external method).
+    """
     source = str(file)
     try:
         text = Path(file).read_text(encoding="utf-8")
@@ -384,7 +592,7 @@ def check_submission(file: str | os.PathLike) -> dict[str, Any]:
         validate(data, source=source)
     except ResultsError as e:
         raise SubmissionError(str(e).replace("\n", " ")) from None
-    _check_submission(data, source)
+    _check_submission(data, source, registered)
     return data
 
 
@@ -402,8 +610,9 @@ def submit(files: Iterable[str | os.PathLike], results_root: str | os.PathLike) 
     files = [Path(f) for f in files]
     planned: list[tuple[Path, dict[str, Any]]] = []
     seen: dict[Path, Path] = {}
+    registered = SpecConfigs().registered()
     for file in files:
-        data = check_submission(file)
+        data = check_submission(file, registered)
         dest = result_path(root, data["protocol"], data["benchmark"], data["strategy"], data["seed"])
         run = f"{data['protocol']}/{data['benchmark']}/{data['strategy']} seed {data['seed']}"
         if dest in seen:

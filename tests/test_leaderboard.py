@@ -117,7 +117,7 @@ def test_write_leaderboard_markdown_and_csv(tree):
     for section in md.split("\n## ")[1:]:
         protocol, benchmark = section.splitlines()[0].split(" / ")
         table = [line for line in section.splitlines() if line.startswith("|")]
-        assert {line.count("|") - line.count("\\|") for line in table} == {13}
+        assert {line.count("|") - line.count("\\|") for line in table} == {14}
         sub = board[(board["protocol"] == protocol) & (board["benchmark"] == benchmark)]
         body = table[2:]
         assert len(body) == len(sub)
@@ -126,6 +126,7 @@ def test_write_leaderboard_markdown_and_csv(tree):
             assert cells[0] == str(row.rank) and cells[1] == row.strategy
             assert cells[2] == f"{row.accuracy_mean * 100:.2f} ± {row.accuracy_std * 100:.2f}"
             assert cells[3] == "3"
+            assert cells[4] == "0/3"  # nothing verified in a fresh tree
     csv = pd.read_csv(csv_path)
     assert csv["strategy"].tolist() == board["strategy"].tolist()
     np.testing.assert_allclose(csv["accuracy_mean"], board["accuracy_mean"], rtol=0, atol=1e-12)
