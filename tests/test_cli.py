@@ -173,8 +173,11 @@ def test_leaderboard_from_a_run(finished, tmp_path, capsys):
     shutil.copytree(finished[0], root)
     assert main(["leaderboard", "--results", str(root)]) == 0
     out = capsys.readouterr().out.split()
-    assert out == [str(root / "LEADERBOARD.md"), str(root / "leaderboard.csv")]
-    assert "naive" in (root / "LEADERBOARD.md").read_text()
+    assert out == [str(root / "LEADERBOARD.md"), str(root / "leaderboard.csv"), str(root / "leaderboard.html")]
+    md = (root / "LEADERBOARD.md").read_text()
+    # the run used the TINY settings, not naive's spec: its own row, labelled by the differing keys
+    assert "| naive (batch_size=64, " in md and "train_per_experience=200" in md and "| 0/1 |" in md
+    assert "naive (batch_size=64, " in (root / "leaderboard.html").read_text()
 
 
 @pytest.mark.parametrize(
