@@ -246,3 +246,28 @@ def test_the_html_page_in_a_headless_browser(tmp_path):
     subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1400,2000",
                     f"--screenshot={shot}", path.resolve().as_uri()], capture_output=True, timeout=120)
     assert shot.exists() and shot.stat().st_size > 10_000
+
+
+def test_verify_reruns_a_real_run_and_catches_a_forged_copy(tmp_path, mnist_root, capsys):
+    from conftest import tiny_set_args
+
+    root = tmp_path / "results"
+    assert main(["-q", "run", "--strategy", "naive", "--benchmark", "split-mnist", "--seed", "0", "--threads", "1",
+                 "--results", str(root), *tiny_set_args()]) == 0
+    path = root / "quick" / "split-mnist" / "naive" / "seed0.json"
+    capsys.readouterr()
+    assert main(["-q", "verify", str(path), "--results", str(root)]) == 0
+    assert "VERIFIED" in capsys.readouterr().out
+    data = json.loads(path.read_text())
+    assert verify.status_of(data, verify.load_records(root)) == "verified"
+    board = lb.build_leaderboard(root)
+    assert board.iloc[0].status == "verified" and board.iloc[0].n_verified == 1
+
+    forged_root = tmp_path / "forged"
+    forged = write_json_file(tmp_path / "forged.json", _forge(data))
+    assert main(["-q", "verify", str(forged), "--results", str(forged_root)]) == 1
+    out = capsys.readouterr()
+    assert "MISMATCH" in out.out and "did not reproduce" in out.err
+    assert main(["submit", str(forged), "--results", str(forged_root)]) == 0  # consistent, so accepted ...
+    row = lb.build_leaderboard(forged_root).iloc[0]
+    assert row.status == "verification failed" and row.n_verified == 0  # ... but marked as failed
