@@ -193,7 +193,7 @@ def run_local(requests: list[RunRequest], *, jobs: int, on_result: Callable[[dic
     pool.shutdown(wait=True)
 
 
-def _stop_pool(pool: ProcessPoolExecutor, grace_s: float = 1.0) -> None:
+def _stop_pool(pool: ProcessPoolExecutor, grace_s: float = 0.25) -> None:
     """Stop a pool at once: cancel what has not started, give running workers ``grace_s`` to exit on their
     own (Ctrl-C reaches them too and their atomic writes clean up), then terminate the rest."""
     processes = list(getattr(pool, "_processes", {}).values())
@@ -205,7 +205,7 @@ def _stop_pool(pool: ProcessPoolExecutor, grace_s: float = 1.0) -> None:
         if p.is_alive():
             p.terminate()
     for p in processes:
-        p.join(0.5)
+        p.join(0.1)
 
 
 def remove_partial_files(requests: Iterable[RunRequest]) -> list[Path]:
