@@ -256,7 +256,8 @@ class FunctionalRegularisationPlugin(SupervisedPlugin):
                 self.prior.reanchor(net, posterior)
             self.prior.add_task(net, posterior, x, class_mask=mask)
             self.seconds["kernels"] += time.perf_counter() - start
-            if self.term_curvature and self._term_of_the_mean(strategy) and hasattr(strategy.optimizer, "mean_curvature"):
+            optimizer = strategy.optimizer
+            if self.term_curvature and self._term_of_the_mean(strategy) and hasattr(optimizer, "mean_curvature"):
                 start = time.perf_counter()
                 strategy.optimizer.mean_curvature = self.prior.curvature(net)
                 self.seconds["curvature"] += time.perf_counter() - start
