@@ -412,8 +412,8 @@ class IVON(torch.optim.Optimizer):
         that does not depend on the noise: in the variational objective E_q[l(theta)] + R(m)
         its natural-gradient contribution to the precision is zero. Recorded with the
         sample's gradient it would enter hhat = g * z / sigma as zero-mean noise of size
-        |grad R| / sigma, which IVON's Riemannian correction turns into an upward bias of h
-        and, for a large R, into a noisy precision. Here it joins the momentum (the mean
+        |grad R| / sigma (it neither helped nor hurt accuracy in docs/BISECTION.md, step 2,
+        row m1: this is the exact update, at one evaluation per step). Here it joins the momentum (the mean
         update) and nothing else. ``grads`` follows the order of the trainable parameters
         (``params``); None entries count as zero. Call between samples, before ``step()``.
         """

@@ -96,6 +96,7 @@ FROMP; no difference for the MLPs here), and the mode is restored.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 
 import torch
 from avalanche.training.plugins import SupervisedPlugin
@@ -133,6 +134,17 @@ def _optimizer_posterior(strategy):
             f"(cl_bayes.ivon.IVON) or a Laplace posterior (laplace=...), got {type(strategy.optimizer).__name__}"
         )
     return posterior
+
+
+@contextmanager
+def _eval_mode(net):
+    """The network in eval mode for the body (the memories are one batch: no BatchNorm statistics), restored after."""
+    was_training = net.training
+    net.eval()
+    try:
+        yield net
+    finally:
+        net.train(was_training)
 
 
 def laplace_batches(strategy, data: ExperienceData, batch_size: int = LAPLACE_BATCH):
@@ -199,13 +211,8 @@ class FunctionalRegularisationPlugin(SupervisedPlugin):
     def before_backward(self, strategy, **kwargs):
         if not len(self.prior) or self._term_of_the_mean(strategy):
             return
-        net = unwrap(strategy.model)
-        was_training = net.training
-        net.eval()
-        try:
+        with _eval_mode(unwrap(strategy.model)) as net:
             penalty = self.prior(net)
-        finally:
-            net.train(was_training)
         strategy.loss += penalty
         self.last_penalty = penalty.detach()
 
@@ -219,15 +226,9 @@ class FunctionalRegularisationPlugin(SupervisedPlugin):
         """
         if not len(self.prior) or not self._term_of_the_mean(strategy):
             return
-        net = unwrap(strategy.model)
-        was_training = net.training
-        net.eval()
-        try:
+        with _eval_mode(unwrap(strategy.model)) as net:
             penalty = self.prior(net)
-            params = strategy.optimizer.params
-            grads = torch.autograd.grad(penalty, params, allow_unused=True)
-        finally:
-            net.train(was_training)
+            grads = torch.autograd.grad(penalty, strategy.optimizer.params, allow_unused=True)
         strategy.optimizer.add_mean_gradient(grads)
         strategy.loss = strategy.loss + penalty.detach()
         self.last_penalty = penalty.detach()
@@ -241,9 +242,7 @@ class FunctionalRegularisationPlugin(SupervisedPlugin):
         device = next(net.parameters()).device
         x = gather_inputs(data, chosen).to(device)
         mask = class_mask(strategy.model, data.t[chosen].to(device), len(chosen))
-        was_training = net.training
-        net.eval()
-        try:
+        with _eval_mode(net):
             start = time.perf_counter()
             if self.laplace is not None:
                 self.laplace.fit(net, laplace_batches(strategy, data))
@@ -261,8 +260,6 @@ class FunctionalRegularisationPlugin(SupervisedPlugin):
                 start = time.perf_counter()
                 strategy.optimizer.mean_curvature = self.prior.curvature(net)
                 self.seconds["curvature"] += time.perf_counter() - start
-        finally:
-            net.train(was_training)
         self.memory_indices.append(chosen)
 
 
