@@ -263,6 +263,8 @@ class IVON(torch.optim.Optimizer):
         for i in range(len(params)):
             self._link(i)
         self._hess = self._per_group("hess_init")
+        self._hess_origin = self._hess.clone()  # h when it was last set, and the steps since (data_hess)
+        self._hess_steps = 0
         self._momentum = torch.zeros_like(flat)
         self._prior_mean = torch.zeros_like(flat)
         self._prior_precision = self._per_group("weight_decay").mul_(self._ess)
@@ -314,6 +316,9 @@ class IVON(torch.optim.Optimizer):
         delta = new_precision / ess
         if not (new_hess + delta > 0).all():
             raise ValueError("IVON: hess + prior_precision / ess (the precision per example) must be > 0")
+        if hess is not None:
+            self._hess_origin.copy_(hess)
+            self._hess_steps = 0
         for buffer, value in (
             (self._hess, hess),
             (self._prior_mean, prior_mean),
@@ -457,6 +462,7 @@ class IVON(torch.optim.Optimizer):
 
     def _update(self) -> None:
         self._step_count += 1
+        self._hess_steps += 1
         ghat, grad_noise = self._grad_sum, self._grad_noise_sum
         if self._count > 1:
             ghat.div_(self._count)
@@ -526,6 +532,28 @@ class IVON(torch.optim.Optimizer):
     def hess(self, value: Tensor | float) -> None:
         """Set h (flat); h + delta must be > 0 so that the precision is."""
         self._commit(hess=self._as_flat("hess", value))
+
+    @property
+    def data_hess(self) -> Tensor:
+        """The data's per-example Hessian, debiased: h without its initial value, clamped at 0 (flat).
+
+        After T steps from h0 (the value h was last set to), h_T = beta2^T h0 + (1 - beta2^T) hbar,
+        where hbar is the beta2-weighted average of the estimates hhat (up to the update's
+        O((1 - beta2)^2) correction). With beta2 near 1 and a few thousand steps, h_T is still
+        mostly h0 (0.99999^4690 = 0.95: permuted MNIST's paper protocol), so the posterior
+        precision ess * (h_T + delta) is mostly ess * hess_init, not the data. This returns
+        hbar = (h_T - beta2^T h0) / (1 - beta2^T), Adam's bias correction applied to the
+        Hessian, and 0 where that is negative (a precision cannot be). Before any step, and
+        where beta2 = 1 (h frozen), h itself. Steps that skip a parameter (no gradient) still count.
+        """
+        if self._hess_steps == 0:
+            return self._hess.clone().clamp_min_(0.0)
+        out = self._hess.clone()
+        for group, sl in zip(self.param_groups, self._group_slices, strict=True):
+            decay = group["beta2"] ** self._hess_steps
+            if decay < 1.0:
+                out[sl].sub_(self._hess_origin[sl], alpha=decay).div_(1.0 - decay)
+        return out.clamp_min_(0.0)
 
     def reset_hess(self) -> None:
         """h <- hess_init of each parameter group."""
@@ -614,6 +642,8 @@ class IVON(torch.optim.Optimizer):
             "prior_precision": self._prior_precision.clone(),
             "ess": self._ess,
             "step": self._step_count,
+            "hess_origin": self._hess_origin.clone(),
+            "hess_steps": self._hess_steps,
             "mc_samples": self.mc_samples,
             "rescale_lr": self.rescale_lr,
             "debias": self.debias,
@@ -634,6 +664,9 @@ class IVON(torch.optim.Optimizer):
         self._commit(hess=hess, prior_mean=prior_mean, prior_precision=prior_precision, ess=ivon["ess"])
         self._momentum.copy_(momentum)
         self._step_count = int(ivon["step"])
+        if "hess_origin" in ivon:  # state dicts written before data_hess: debias from the loaded h
+            self._hess_origin.copy_(self._as_flat("hess origin", ivon["hess_origin"]))
+            self._hess_steps = int(ivon["hess_steps"])
         self.mc_samples = int(ivon["mc_samples"])
         self.rescale_lr, self.debias = bool(ivon["rescale_lr"]), bool(ivon["debias"])
         self.mean_curvature = ivon.get("mean_curvature")

@@ -473,3 +473,46 @@ def test_deepcopy_of_a_model_does_not_share_the_flat_mean():
     clone = copy.deepcopy(model)
     train_step(opt, model, 1, seed=0)
     assert not torch.equal(flat(clone.parameters()), flat(model.parameters()))
+
+
+def _quadratic_run(steps: int, *, beta2: float, mc_samples: int, curvature: torch.Tensor, seed: int = 0) -> IVON:
+    """IVON on the loss 0.5 * sum(A * w^2): every hhat has expectation A, the true per-example Hessian."""
+    torch.manual_seed(seed)
+    w = torch.nn.Parameter(torch.zeros(curvature.numel()))
+    opt = IVON([w], lr=0.05, ess=200.0, hess_init=1.0, beta2=beta2, weight_decay=1e-2, mc_samples=mc_samples)
+    for _ in range(steps):
+        for _ in range(mc_samples):
+            with opt.sampled_params(train=True):
+                opt.zero_grad()
+                (0.5 * (curvature * w**2).sum()).backward()
+        opt.step()
+    return opt
+
+
+def test_data_hess_removes_what_is_left_of_hess_init():
+    """After 300 steps at beta2 0.999, h is still 74 % hess_init; data_hess is the data's Hessian A.
+
+    A weight with A = 0 (an input that is never lit) has hhat = 0 at every step: data_hess is 0, h is not.
+    """
+    curvature = torch.tensor([4.0, 0.5, 0.05, 0.0])
+    opt = _quadratic_run(300, beta2=0.999, mc_samples=16, curvature=curvature)
+    decay = 0.999**300
+    assert torch.allclose(opt.hess, decay * 1.0 + (1 - decay) * curvature, rtol=0.1, atol=0.01)
+    assert (opt.hess[1:] > 0.7).all()  # mostly hess_init
+    # beta2-weighted mean of 300 x 16 chi-square(1) draws: relative std ~ 0.02
+    assert torch.allclose(opt.data_hess[:3], curvature[:3], rtol=0.1)
+    assert opt.data_hess[3] < 1e-3 < 0.7 < opt.hess[3]  # 1e-3: the update's O((1 - beta2)^2) correction
+    # the debiasing restarts when h is set, and state dicts carry it
+    state = opt.state_dict()
+    fresh = _quadratic_run(0, beta2=0.999, mc_samples=16, curvature=curvature)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.data_hess, opt.data_hess)
+    opt.reset_hess()
+    assert torch.equal(opt.data_hess, opt.hess)
+
+
+def test_data_hess_is_h_when_beta2_freezes_it_and_never_negative():
+    opt = _quadratic_run(5, beta2=1.0, mc_samples=1, curvature=torch.tensor([1.0, 2.0]))
+    assert torch.equal(opt.data_hess, opt.hess)
+    opt = _quadratic_run(1, beta2=0.9, mc_samples=16, curvature=torch.tensor([-1.0, 1.0]))
+    assert opt.data_hess[0] == 0 and opt.data_hess[1] > 0  # a concave direction's estimate is clamped

@@ -184,3 +184,15 @@ def test_carry_with_a_negative_hessian_entry_resets_before_the_new_prior():
     prior = carry_posterior_to_prior(opt, keep_hess=False)
     assert torch.allclose(prior.precision, before.precision)
     assert torch.allclose(opt.hess, torch.full((3,), 0.5))
+
+
+def test_debiased_carry_uses_the_data_hessian_not_the_leftover_hess_init():
+    """prior_precision_{t+1} = temper * (ess * data_hess + prior_precision_t): h's leftover hess_init is dropped."""
+    model, opt = trained_ivon(steps=50, beta2=0.99)
+    before_prior = opt.prior_precision
+    expected = 0.5 * (opt.data_hess * opt.ess + before_prior)
+    raw = 0.5 * opt.precision
+    prior = carry_posterior_to_prior(opt, keep_hess=False, temper=0.5, debias_hess=True)
+    assert torch.allclose(prior.precision, expected)
+    assert not torch.allclose(prior.precision, raw)
+    assert (prior.precision >= 0.5 * before_prior).all()

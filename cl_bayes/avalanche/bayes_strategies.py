@@ -40,6 +40,7 @@ class IVONParams:
 class IVONPriorParams(IVONParams):
     keep_hess: bool = False  # keep h at experience boundaries (else reset to hess_init)
     temper: float = 1.0  # multiplies the carried prior precision
+    debias_hess: bool = False  # carry the data's Hessian without what is left of hess_init (cl_bayes.natural)
 
 
 @dataclass
@@ -51,6 +52,7 @@ class IVONReplayParams(IVONParams):
     accumulate: bool = False  # natural-parameter accumulation (posterior -> next prior) as in ivon-prior
     keep_hess: bool = False  # with accumulate: keep h at experience boundaries (else reset to hess_init)
     temper: float = 1.0  # with accumulate: multiplies the carried prior precision
+    debias_hess: bool = False  # with accumulate: carry the data's Hessian without what is left of hess_init
 
     def __post_init__(self):
         if self.selection not in SELECTIONS:
@@ -84,7 +86,8 @@ def _ivon(ctx: BuildContext):
 
 @register("ivon-prior", IVONPriorParams, "IVON with natural-parameter accumulation (posterior -> next prior)")
 def _ivon_prior(ctx: BuildContext):
-    return ivon_strategy(ctx, NaturalParameterAccumulation(keep_hess=ctx.params.keep_hess, temper=ctx.params.temper))
+    return ivon_strategy(ctx, NaturalParameterAccumulation(
+        keep_hess=ctx.params.keep_hess, temper=ctx.params.temper, debias_hess=ctx.params.debias_hess))
 
 
 def _ivon_replay(ctx: BuildContext):
@@ -97,7 +100,7 @@ def _ivon_replay(ctx: BuildContext):
     selector = make_selector(p.selection, seed=ctx.config.seed, estimator=p.estimator, candidates=p.candidates)
     plugins = [replay_plugin(ctx, selector)]
     if p.accumulate:
-        plugins.append(NaturalParameterAccumulation(keep_hess=p.keep_hess, temper=p.temper))
+        plugins.append(NaturalParameterAccumulation(keep_hess=p.keep_hess, temper=p.temper, debias_hess=p.debias_hess))
     return ivon_strategy(ctx, *plugins)
 
 

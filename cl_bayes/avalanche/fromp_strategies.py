@@ -124,8 +124,8 @@ def _ivon_fromp(ctx: BuildContext):
 def _bayes_cl(ctx: BuildContext):
     p = ctx.params
     # Order matters: the functional plugin reads the experience's posterior before accumulation changes it.
-    return ivon_strategy(ctx, functional_plugin(ctx), NaturalParameterAccumulation(keep_hess=p.keep_hess,
-                                                                                   temper=p.temper))
+    accumulation = NaturalParameterAccumulation(keep_hess=p.keep_hess, temper=p.temper, debias_hess=p.debias_hess)
+    return ivon_strategy(ctx, functional_plugin(ctx), accumulation)
 
 
 # --- FROMP as published: Adam + Laplace ------------------------------------------

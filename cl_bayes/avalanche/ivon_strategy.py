@@ -119,13 +119,17 @@ class NaturalParameterAccumulation(SupervisedPlugin):
 
     ``keep_hess``: keep IVON's Hessian estimate as a warm start (it then counts the old
     data twice until it adapts) or reset it to ``hess_init``; ``temper`` multiplies the
-    carried precision (< 1 forgets a little, 1 is plain Bayes).
+    carried precision (< 1 forgets a little, 1 is plain Bayes); ``debias_hess``: carry the
+    data's Hessian without what is left of ``hess_init`` (``cl_bayes.natural``).
     """
 
-    def __init__(self, *, keep_hess: bool = False, temper: float = 1.0):
+    def __init__(self, *, keep_hess: bool = False, temper: float = 1.0, debias_hess: bool = False):
         super().__init__()
         self.keep_hess = keep_hess
         self.temper = temper
+        self.debias_hess = debias_hess
 
     def after_training_exp(self, strategy, **kwargs):
-        carry_posterior_to_prior(strategy.optimizer, keep_hess=self.keep_hess, temper=self.temper)
+        carry_posterior_to_prior(
+            strategy.optimizer, keep_hess=self.keep_hess, temper=self.temper, debias_hess=self.debias_hess
+        )
