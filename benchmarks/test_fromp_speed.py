@@ -45,8 +45,9 @@ from cl_bayes.ivon import IVON
 from cl_bayes.models import MLP
 
 PAST, MEMORY, CLASSES, BATCH = 9, 200, 10, 128
-VARIANTS = ("naive", "ivon", "memory-pass", "ivon-fromp", "jacobian-loop")
-ROUNDS = {"naive": 300, "ivon": 300, "memory-pass": 50, "ivon-fromp": 50, "jacobian-loop": 1}
+SAMPLED = {"ivon-fromp-sampled-1x50": (50, 1), "ivon-fromp-sampled-2x50": (50, 2), "ivon-fromp-sampled-1x100": (100, 1)}
+VARIANTS = ("naive", "ivon", "memory-pass", "ivon-fromp", *SAMPLED, "jacobian-loop")
+ROUNDS = {"naive": 300, "ivon": 300, "memory-pass": 50, "ivon-fromp": 50, "jacobian-loop": 1} | dict.fromkeys(SAMPLED, 300)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -60,18 +61,21 @@ def setting():
     model = MLP(in_features=784, hidden=[100, 100], num_classes=CLASSES)
     optimizer = IVON(model.parameters(), lr=0.1, ess=60_000.0, hess_init=0.1, beta2=0.999)
     prior = FunctionalPrior(tau=1e-4, kernel="block", eps=1e-3)
+    blocked = {size: FunctionalPrior(tau=1e-4, kernel="block", eps=1e-3, block_size=size) for size in (50, 100)}
     with torch_threads(1):  # several threads on a shared machine made add_task ~8x slower
         for _ in range(PAST):
             with torch.no_grad():  # a different posterior mean per past experience
                 for p in model.parameters():
                     p.add_(0.01 * torch.randn(p.shape, generator=gen))
-            prior.add_task(model, optimizer.posterior, torch.rand(MEMORY, 1, 28, 28, generator=gen))
+            memory = torch.rand(MEMORY, 1, 28, 28, generator=gen)
+            for each in (prior, *blocked.values()):
+                each.add_task(model, optimizer.posterior, memory)
     x = torch.rand(BATCH, 1, 28, 28, generator=gen)
     y = torch.randint(0, CLASSES, (BATCH,), generator=gen)
-    return model, optimizer, prior, x, y
+    return model, optimizer, prior, blocked, x, y
 
 
-def make_step(name: str, model, optimizer: IVON, prior: FunctionalPrior, x, y):
+def make_step(name: str, model, optimizer: IVON, prior: FunctionalPrior, blocked, x, y):
     loss_fn = torch.nn.functional.cross_entropy
     params = list(model.parameters())
     memory = torch.cat([task.inputs for task in prior.tasks])
@@ -83,19 +87,26 @@ def make_step(name: str, model, optimizer: IVON, prior: FunctionalPrior, x, y):
         loss_fn(model(x), y).backward()
         adam.step()
 
+    gen = torch.Generator().manual_seed(0)
+
     def step() -> None:
         with optimizer.sampled_params(train=True):
             optimizer.zero_grad()
             loss = loss_fn(model(x), y)
-            if name == "ivon-fromp":
-                loss = loss + prior(model)
-            elif name == "memory-pass":
+            if name == "memory-pass":
                 loss = loss + model(memory).logsumexp(-1).mean()
             loss.backward()
             if name == "jacobian-loop":
                 grad = reference_gradient_jacobian_loop(prior, model)
                 for p, g in zip(params, grad.split([p.numel() for p in params]), strict=True):
                     p.grad.add_(g.view_as(p))
+        if name == "ivon-fromp" or name in SAMPLED:  # the plugin's before_update: the term at the mean
+            if name in SAMPLED:
+                size, count = SAMPLED[name]
+                term = blocked[size](model, blocks=blocked[size].draw_blocks(count, gen))
+            else:
+                term = prior(model)
+            optimizer.add_mean_gradient(torch.autograd.grad(term, params))
         optimizer.step()
 
     return naive_step if name == "naive" else step

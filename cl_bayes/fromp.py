@@ -50,6 +50,17 @@ Task-incremental masks: the softmax is over the memory's allowed classes;
 masked classes have zero residual, zero Jacobian, and their kernel rows and
 columns are replaced by those of the identity, so they contribute nothing.
 
+Sampled term (``block_size``, ``blocks_per_step`` of ``__call__``'s ``blocks``). Exact FROMP
+touches every memorable point at every step: at experience 10 of permuted MNIST, 1,800
+points, ~10 batches' worth of forward and backward. With ``block_size`` each experience's
+memory is split once, when it is added, into blocks of at most ``block_size`` points
+(strided, so that each block keeps the memory's class balance), each with its own kernel
+and inverse: the kernel becomes block-diagonal over blocks, an approximation (exact when
+``block_size`` >= the memory size) that drops the cross-block correlations of K. A step
+then evaluates ``n`` blocks drawn uniformly without replacement (``draw_blocks``) and
+scales their sum by B / n (B blocks in all): its value and gradient are unbiased for the
+blocked term. The curvature (``curvature``) is the blocked term's, over all blocks.
+
 The memories are evaluated in the model's current mode as one batch (beware
 of BatchNorm in training mode: it would use the memory's batch statistics).
 """
@@ -171,8 +182,11 @@ class FunctionalPrior:
         kernel: KernelForm = "block",
         eps: float = 1e-5,
         chunk_size: int | None = None,
+        block_size: int | None = None,
     ) -> None:
         _check_form(kernel)
+        if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
+            raise ValueError(f"block_size must be a positive int or None, got {block_size!r}")
         if tau < 0:
             raise ValueError(f"tau must be non-negative, got {tau}")
         if eps < 0 or (eps == 0 and kernel != "identity"):
@@ -181,12 +195,14 @@ class FunctionalPrior:
         self.kernel = kernel
         self.eps = float(eps)
         self.chunk_size = chunk_size
-        self.tasks: list[MemorableTask] = []
+        self.block_size = block_size
+        self.tasks: list[MemorableTask] = []  # one per kernel block: an experience's memory, or a block of it
         self._curvatures: list[Tensor | None] = []  # per task: diag(J^T K^-1 J) at its anchor, when asked
         self._inputs: Tensor | None = None  # all memories, concatenated
         self._mask: Tensor | None = None
 
     def __len__(self) -> int:
+        """The number of kernel blocks (of experiences, without ``block_size``); 0 before any task."""
         return len(self.tasks)
 
     @torch.no_grad()
@@ -232,14 +248,32 @@ class FunctionalPrior:
         x: Tensor,
         *,
         class_mask: Tensor | None = None,
-    ) -> MemorableTask:
-        """Store memory X_s with m_s = p(mu_s, X_s) and K_s^{-1} under the posterior of experience s."""
-        task = self._memorable_task(model, posterior, x, class_mask)
-        self.tasks.append(task)
-        self._curvatures.append(None)
+    ) -> list[MemorableTask]:
+        """Store memory X_s with m_s = p(mu_s, X_s) and K_s^{-1} under the posterior of experience s.
+
+        Returns the stored blocks: one, or ceil(M / block_size) with ``block_size``; block b
+        holds the points b, b + B, b + 2B, ... of ``x``.
+        """
+        n = x.shape[0]
+        count = 1 if self.block_size is None or n <= self.block_size else -(-n // self.block_size)
+        added = []
+        for b in range(count):
+            rows = slice(b, None, count)
+            mask = None if class_mask is None else class_mask[rows]
+            added.append(self._memorable_task(model, posterior, x[rows], mask))
+        self.tasks += added
+        self._curvatures += [None] * count
         self._inputs = torch.cat([t.inputs for t in self.tasks])
         self._mask = torch.cat([t.class_mask for t in self.tasks])
-        return task
+        return added
+
+    def draw_blocks(self, count: int, generator: torch.Generator | None = None) -> list[int]:
+        """``count`` distinct block indices, uniformly at random (all of them if count >= len(self))."""
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"count must be a positive int, got {count!r}")
+        if count >= len(self.tasks):
+            return list(range(len(self.tasks)))
+        return torch.randperm(len(self.tasks), generator=generator)[:count].sort().values.tolist()
 
     def reanchor(self, model: nn.Module, posterior: DiagonalGaussian) -> None:
         """Recompute every stored task's m_s and K_s^{-1} under ``posterior`` (FROMP's m_{t-1,s}, K_{t-1,s}).
@@ -273,33 +307,50 @@ class FunctionalPrior:
             return torch.zeros(num, device=next(iter(model.parameters())).device)
         return total.mul_(self.tau)
 
-    def residuals(self, model: nn.Module, params: dict[str, Tensor] | None = None) -> list[Tensor]:
-        """r_s = m_s(w) - m_s per past task, from one forward pass over all memories.
+    def residuals(
+        self, model: nn.Module, params: dict[str, Tensor] | None = None, blocks: list[int] | None = None
+    ) -> list[Tensor]:
+        """r_s = m_s(w) - m_s per block (all, or those in ``blocks``), from one forward pass.
 
         ``params`` ({name: tensor}) evaluates the network at other weights (``functional_call``).
         """
         if not self.tasks:
             return []
-        logits = model(self._inputs) if params is None else functional_call(model, params, (self._inputs,))
-        probs = masked_softmax(logits, self._mask)
-        sizes = [t.inputs.shape[0] for t in self.tasks]
-        return [p - t.probs for p, t in zip(probs.split(sizes), self.tasks, strict=True)]
+        if blocks is None:
+            tasks, inputs, mask = self.tasks, self._inputs, self._mask
+        else:
+            tasks = [self.tasks[b] for b in blocks]
+            inputs = torch.cat([t.inputs for t in tasks])
+            mask = torch.cat([t.class_mask for t in tasks])
+        logits = model(inputs) if params is None else functional_call(model, params, (inputs,))
+        probs = masked_softmax(logits, mask)
+        sizes = [t.inputs.shape[0] for t in tasks]
+        return [p - t.probs for p, t in zip(probs.split(sizes), tasks, strict=True)]
 
-    def __call__(self, model: nn.Module, params: dict[str, Tensor] | None = None) -> Tensor:
+    def __call__(
+        self, model: nn.Module, params: dict[str, Tensor] | None = None, *, blocks: list[int] | None = None
+    ) -> Tensor:
+        """The term over all blocks, or its unbiased estimate len(self) / len(blocks) * sum over ``blocks``."""
         if not self.tasks:
             param = next(iter(model.parameters()))
             return param.new_zeros(())
+        if blocks is not None:
+            if not blocks or len(set(blocks)) != len(blocks) or not all(0 <= b < len(self.tasks) for b in blocks):
+                raise ValueError(f"blocks must be distinct indices in [0, {len(self.tasks)}), got {blocks!r}")
+            tasks, scale = [self.tasks[b] for b in blocks], len(self.tasks) / len(blocks)
+        else:
+            tasks, scale = self.tasks, 1.0
         # K_s^{-1} is fixed and symmetric, so the gradient of r^T K^{-1} r / 2 w.r.t. r is v = K^{-1} r.
         # One product per task, on the detached residual, gives the value and that gradient:
         # r . v - r_detached . v / 2 has value r^T K^{-1} r / 2 and gradient v, and autograd never
         # multiplies by K^{-1} again (half the kernel traffic of differentiating the product).
         # Its first derivatives are exact; its second derivatives are not R's.
         total = 0.0
-        for r, t in zip(self.residuals(model, params), self.tasks, strict=True):
+        for r, t in zip(self.residuals(model, params, blocks), tasks, strict=True):
             fixed = r.detach()
             v = apply_kernel_inverse(fixed, t.kernel_inverse, self.kernel)
             total = total + (r * v).sum() - 0.5 * (fixed * v).sum()
-        return self.tau * total
+        return (self.tau * scale) * total
 
 
 @torch.no_grad()

@@ -269,3 +269,77 @@ def test_curvature_follows_reanchoring_and_is_zero_without_tasks():
     assert not torch.allclose(after, before)
     empty = FunctionalPrior(tau=1.0)
     assert torch.equal(empty.curvature(model), torch.zeros_like(posterior.mean))
+
+
+# ----------------------------------------------------------------------------- sampled term
+
+
+def _blocked_prior(block_size: int | None, form: str = "block", tau: float = 2.0) -> tuple[FunctionalPrior, nn.Module]:
+    """Two experiences of 7 memorable points each (classes {0, 1} then {2, 3}), then the weights move."""
+    model = _mlp()
+    prior = FunctionalPrior(tau=tau, kernel=form, eps=1e-4, block_size=block_size)
+    g = torch.Generator().manual_seed(3)
+    for classes in ((0, 1), (2, 3)):
+        prior.add_task(model, _posterior(model), torch.randn(7, D_IN, generator=g), class_mask=_task_masks(7, classes))
+        _perturb(model, scale=0.1)
+    _perturb(model, scale=0.3, seed=5)
+    return prior, model
+
+
+def test_blocks_split_each_memory_strided_and_a_block_as_large_as_the_memory_is_exact():
+    exact, model = _blocked_prior(None)
+    same, _ = _blocked_prior(7)
+    blocked, _ = _blocked_prior(3)
+    assert len(exact) == len(same) == 2 and len(blocked) == 6  # ceil(7 / 3) = 3 blocks per experience
+    assert torch.allclose(exact(model), same(model), rtol=1e-12)
+    first = torch.cat([t.inputs for t in blocked.tasks[:3]])
+    assert sorted(first.sum(1).tolist()) == sorted(exact.tasks[0].inputs.sum(1).tolist())  # each point once
+    assert torch.equal(blocked.tasks[1].inputs, exact.tasks[0].inputs[1::3])
+    # dropping the kernel's cross-block correlations changes the term: an approximation, not the same value
+    assert not torch.allclose(exact(model), blocked(model), rtol=1e-3)
+
+
+@pytest.mark.parametrize("form", ["block", "full", "identity"])
+def test_sampled_term_is_unbiased_for_the_blocked_term(form):
+    """Average over every 2-subset of the 6 blocks = the full blocked term, value and gradient (exactly);
+    and over 3,000 random draws (draw_blocks), within 4 standard errors."""
+    from itertools import combinations
+
+    prior, model = _blocked_prior(3, form)
+    params = list(model.parameters())
+
+    def value_and_grad(blocks):
+        value = prior(model, blocks=blocks)
+        grads = torch.autograd.grad(value, params)
+        return value.detach(), torch.cat([g.reshape(-1) for g in grads])
+
+    full_value, full_grad = value_and_grad(None)
+    pairs = [value_and_grad(list(c)) for c in combinations(range(len(prior)), 2)]
+    assert torch.allclose(torch.stack([v for v, _ in pairs]).mean(), full_value, rtol=1e-10)
+    assert torch.allclose(torch.stack([g for _, g in pairs]).mean(0), full_grad, rtol=1e-8, atol=1e-12)
+
+    gen = torch.Generator().manual_seed(0)
+    draws = [value_and_grad(prior.draw_blocks(2, gen)) for _ in range(3000)]
+    values = torch.stack([v for v, _ in draws])
+    grads = torch.stack([g for _, g in draws])
+    assert (values.mean() - full_value).abs() < 4 * values.std() / 3000**0.5
+    err = (grads.mean(0) - full_grad).abs()
+    assert (err <= 4 * grads.std(0) / 3000**0.5 + 1e-12).all()
+
+
+def test_draw_blocks_is_uniform_and_validates():
+    prior, model = _blocked_prior(3)
+    gen = torch.Generator().manual_seed(1)
+    counts = torch.zeros(len(prior))
+    for _ in range(6000):
+        chosen = prior.draw_blocks(2, gen)
+        assert len(set(chosen)) == 2
+        counts[chosen] += 1
+    assert torch.allclose(counts / 6000, torch.full((6,), 2 / 6), atol=0.02)
+    assert prior.draw_blocks(10) == list(range(6))
+    with pytest.raises(ValueError, match="count"):
+        prior.draw_blocks(0)
+    with pytest.raises(ValueError, match="distinct"):
+        prior(model, blocks=[1, 1])
+    with pytest.raises(ValueError, match="block_size"):
+        FunctionalPrior(tau=1.0, block_size=0)

@@ -47,6 +47,11 @@
    that changes the posterior in the same hook (natural-parameter accumulation resets
    IVON's Hessian).
 
+Sampled term (``block_size``, ``blocks_per_step``): each experience's memory is split into
+kernel blocks of at most ``block_size`` points when it is added, and each step evaluates
+``blocks_per_step`` blocks drawn uniformly (a seeded generator of its own), scaled to be
+unbiased (``cl_bayes.fromp``). None (the default): every memorable point at every step.
+
 Scaling of tau (FROMP's convention). The strategy's loss is the *mean* cross-entropy
 over the mini-batch, and the plugin adds ``tau / 2 * sum_s r_s^T K_s^{-1} r_s`` to it;
 its gradient is ``tau * sum_s J_s^T K_s^{-1} r_s``. That is the relative weight of
@@ -182,8 +187,14 @@ class FunctionalRegularisationPlugin(SupervisedPlugin):
         anchor: str = "experience",
         term_at: str = "mean",
         term_curvature: bool = True,
+        block_size: int | None = None,
+        blocks_per_step: int | None = None,
     ):
         super().__init__()
+        if blocks_per_step is not None and (
+            isinstance(blocks_per_step, bool) or not isinstance(blocks_per_step, int) or blocks_per_step < 1
+        ):
+            raise ValueError(f"blocks_per_step must be a positive int or None, got {blocks_per_step!r}")
         if anchor not in ANCHORS:
             raise ValueError(f"anchor must be one of {ANCHORS}, got {anchor!r}")
         if term_at not in TERM_AT:
@@ -192,7 +203,9 @@ class FunctionalRegularisationPlugin(SupervisedPlugin):
             raise ValueError(f"memory_size must be a positive int, got {memory_size!r}")
         if selector is None:
             selector = make_selector(selection, seed=seed, estimator=estimator)
-        self.prior = FunctionalPrior(tau=tau, kernel=kernel, eps=eps, chunk_size=chunk_size)
+        self.prior = FunctionalPrior(tau=tau, kernel=kernel, eps=eps, chunk_size=chunk_size, block_size=block_size)
+        self.blocks_per_step = blocks_per_step
+        self._generator = torch.Generator().manual_seed(seed)  # the blocks drawn per step; not the global RNG
         self.memory_size = memory_size
         self.selector = selector
         self.laplace = laplace
@@ -204,6 +217,12 @@ class FunctionalRegularisationPlugin(SupervisedPlugin):
         self.seconds = {"laplace": 0.0, "kernels": 0.0, "curvature": 0.0}  # wall time of the end-of-experience passes
 
     # -- hook 1: every training step ---------------------------------------------
+    def _blocks(self) -> list[int] | None:
+        """This step's blocks (``blocks_per_step`` drawn uniformly), or None: the exact term."""
+        if self.blocks_per_step is None:
+            return None
+        return self.prior.draw_blocks(self.blocks_per_step, self._generator)
+
     def _term_of_the_mean(self, strategy) -> bool:
         """True when the term's gradient goes to IVON's momentum only (``add_mean_gradient``)."""
         return self.term_at == "mean" and hasattr(strategy.optimizer, "add_mean_gradient")
@@ -212,7 +231,7 @@ class FunctionalRegularisationPlugin(SupervisedPlugin):
         if not len(self.prior) or self._term_of_the_mean(strategy):
             return
         with _eval_mode(unwrap(strategy.model)) as net:
-            penalty = self.prior(net)
+            penalty = self.prior(net, blocks=self._blocks())
         strategy.loss += penalty
         self.last_penalty = penalty.detach()
 
@@ -227,7 +246,7 @@ class FunctionalRegularisationPlugin(SupervisedPlugin):
         if not len(self.prior) or not self._term_of_the_mean(strategy):
             return
         with _eval_mode(unwrap(strategy.model)) as net:
-            penalty = self.prior(net)
+            penalty = self.prior(net, blocks=self._blocks())
             grads = torch.autograd.grad(penalty, strategy.optimizer.params, allow_unused=True)
         strategy.optimizer.add_mean_gradient(grads)
         strategy.loss = strategy.loss + penalty.detach()

@@ -73,6 +73,8 @@ class FunctionalParams:
     anchor: str = "experience"  # experience: each task keeps its own posterior; latest: re-anchor (FROMP)
     term_at: str = "mean"  # evaluate the term at the posterior mean, or at the sampled network (docs/BISECTION.md)
     term_curvature: bool = True  # the term's Hessian at its anchors joins IVON's preconditioner (term_at mean)
+    block_size: int | None = None  # split each experience's memory into kernel blocks of this many points (None: one)
+    blocks_per_step: int | None = None  # blocks evaluated per step, drawn at random, unbiased (None: all, exact)
 
     def __post_init__(self):
         if not isinstance(self.term_curvature, bool):
@@ -108,7 +110,7 @@ def functional_plugin(ctx: BuildContext) -> FunctionalRegularisationPlugin:
     return FunctionalRegularisationPlugin(
         tau=p.tau, memory_size=p.memory_size, kernel=p.kernel, eps=p.eps, selection=p.selection,
         estimator=p.estimator, seed=ctx.config.seed, laplace=laplace, anchor=p.anchor, term_at=p.term_at,
-        term_curvature=p.term_curvature,
+        term_curvature=p.term_curvature, block_size=p.block_size, blocks_per_step=p.blocks_per_step,
     )
 
 
