@@ -10,7 +10,8 @@ loop: data loading, IVON's sampled forward/backward, step); ``test_selection`` t
 call of the selector that ``ivon-replay`` runs at the end of the experience: read the
 experience's 10,000 examples, score each under the IVON posterior (``last_layer``
 variance), keep the top 200 (class-balanced); and the same scoring only a seeded random
-pool of 10 candidates per memory slot (``candidates = 10``: 2,000 examples).
+pool of 10 candidates per memory slot (``candidates = 10``: 2,000 examples); and the
+coverage-keeping rules (``stratified``, ``proportional``, ``trimmed``) on all 10,000 scores.
 ``test_selection`` also times the training itself (min of 3) and reports
 ``selection / training`` in ``extra_info`` and on stdout; the target is <= 5%.
 
@@ -42,9 +43,17 @@ from cl_bayes.data import DataError
 MEMORY = 200
 TARGET = 0.05
 THREADS = sorted({1, os.cpu_count() or 1})
-# (estimator, candidates): all 10,000 examples scored, or a random pool of 10 per memory slot (2,000).
-# "exact" costs ~1000x more (per-example Jacobians, cl_bayes.sensitivity) and is not run here.
-VARIANTS = {"last_layer-all": ("last_layer", None), "last_layer-pool10": ("last_layer", 10)}
+# (estimator, candidates, rule): all 10,000 examples scored, or a random pool of 10 per memory slot
+# (2,000); rule: top-k sensitivity or one of the coverage-keeping rules of cl_bayes.memory (issue 13),
+# which choose from the same scores. "exact" costs ~1000x more (per-example Jacobians,
+# cl_bayes.sensitivity) and is not run here.
+VARIANTS = {
+    "last_layer-all": ("last_layer", None, "sensitivity"),
+    "last_layer-pool10": ("last_layer", 10, "sensitivity"),
+    "stratified-all": ("last_layer", None, "stratified"),
+    "proportional-all": ("last_layer", None, "proportional"),
+    "trimmed-all": ("last_layer", None, "trimmed"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +105,7 @@ def test_training(benchmark, setting, threads):
 @pytest.mark.benchmark(group="permuted-mnist experience: sensitivity selection of 200 of 10k")
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_selection(benchmark, setting, threads, variant):
-    estimator, candidates = VARIANTS[variant]
+    estimator, candidates, rule = VARIANTS[variant]
     strategy, experience = setting
     train_once(strategy, experience)  # a trained posterior, and a warm-up
     training = []
@@ -104,7 +113,7 @@ def test_selection(benchmark, setting, threads, variant):
         start = time.perf_counter()
         train_once(strategy, experience)
         training.append(time.perf_counter() - start)
-    select = sensitivity_selector(estimator=estimator, candidates=candidates)
+    select = sensitivity_selector(estimator=estimator, candidates=candidates, rule=rule)
     chosen = benchmark.pedantic(select, args=(strategy, experience, MEMORY), rounds=10, warmup_rounds=2)
     assert chosen.shape == (MEMORY,)
     start = time.perf_counter()

@@ -18,20 +18,51 @@ among the others (water-filling). Within a class the examples are chosen by:
   ``p_k = argmin_x || mu - (phi(x) + sum_{j<k} phi(p_j)) / k ||`` without
   replacement.
 
+Three rules use the sensitivity S_i but keep the memory covering the class
+(issue 13: the top-S examples are the atypical, often mislabelled, ones, and a
+memory of them stops covering the class). Within a class of n_c examples and
+quota m_c:
+
+* ``stratified`` (``stratified_selection``): sort the class by S and cut it
+  into m_c contiguous bins of (as near as possible) equal count, bin b holding
+  ranks ``[floor(b n_c / m_c), floor((b + 1) n_c / m_c))``; draw one example
+  uniformly from each bin (seeded). Every sensitivity quantile is represented
+  once: the memory has the class's distribution of S (low-variance random
+  sampling stratified on S), so coverage is that of a random memory while the
+  hardest 1/m_c of the class always gets one slot.
+* ``proportional`` (``proportional_selection``): m_c draws without
+  replacement, draw probability proportional to the weight ``w_i = S_i^T``
+  (temperature T >= 0: T = 0 is uniform, T -> inf tends to top-k). Drawn by
+  Gumbel-top-k (Efraimidis & Spirakis 2006): keys ``log w_i + G_i`` with
+  G_i ~ Gumbel(0, 1) i.i.d., keep the m_c largest; this is exactly successive
+  sampling without replacement, so with m_c = 1 the inclusion probability of
+  i is ``w_i / sum_j w_j``. Examples with w_i = 0 are taken (uniformly) only
+  when fewer than m_c weights are positive.
+* ``trimmed`` (``trimmed_top_selection``): discard the top ``ceil(q n_c)`` of
+  the class by S (likely mislabelled or ambiguous), but never so many that
+  fewer than m_c remain, then take the top m_c of the rest.
+* ``pruned`` (``pruned_random_selection``): discard the same top
+  ``ceil(q n_c)`` (never leaving fewer than m_c), then draw m_c uniformly
+  without replacement from the rest (seeded): a random memory of the class
+  without its most sensitive (atypical, ambiguous or mislabelled) examples.
+  q = 0 is ``random``.
+
 All functions are pure and return int64 indices into the experience, grouped
 by class (ascending class id) and, within a class, in selection order (best
 score first; herding order). Cost: top-score and random selection O(N log N);
-herding O(N_c m_c D) per class for m_c exemplars of D-dimensional features.
+herding O(N_c m_c D) per class for m_c exemplars of D-dimensional features;
+stratified, proportional, trimmed and pruned O(N log N).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-Mode = Literal["sensitivity", "lambda", "random", "herding"]
+Mode = Literal["sensitivity", "lambda", "random", "herding", "stratified", "proportional", "trimmed", "pruned"]
 
 
 def _check_labels(labels: Tensor) -> Tensor:
@@ -92,13 +123,139 @@ def _per_class(labels: Tensor, memory_size: int, pick) -> Tensor:
 def top_score_selection(scores: Tensor, labels: Tensor, *, memory_size: int) -> Tensor:
     """Per class, the ``quota`` examples with the highest score (ties: lower index)."""
     labels = _check_labels(labels)
+    _check_scores(scores, labels)
+
+    def pick(members: Tensor, quota: int) -> Tensor:
+        return torch.sort(scores[members], descending=True, stable=True).indices[:quota]
+
+    return _per_class(labels, memory_size, pick)
+
+
+def _check_scores(scores: Tensor, labels: Tensor, *, nonnegative: bool = False) -> None:
     if scores.shape != labels.shape:
         raise ValueError(f"scores must have shape {tuple(labels.shape)}, got {tuple(scores.shape)}")
     if not bool(torch.isfinite(scores).all()):
         raise ValueError("scores must be finite")
+    if nonnegative and bool((scores < 0).any()):
+        raise ValueError("scores must be non-negative")
+
+
+def _check_real(name: str, value, *, low: float, high: float = math.inf, high_open: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if value < low or value > high or (high_open and value == high):
+        bracket = ")" if high_open else "]"
+        raise ValueError(f"{name} must be in [{low}, {high}{bracket}, got {value!r}")
+    return float(value)
+
+
+def stratified_bins(n: int, *, bins: int) -> Tensor:
+    """Bin of each rank 0..n-1 when n sorted items are cut into ``bins`` equal-count bins.
+
+    Rank r is in bin b iff floor(b n / bins) <= r < floor((b + 1) n / bins); every bin is
+    non-empty when 1 <= bins <= n.
+    """
+    if isinstance(bins, bool) or not isinstance(bins, int) or not 1 <= bins <= max(n, 1):
+        raise ValueError(f"bins must be an int in [1, {max(n, 1)}], got {bins!r}")
+    ranks = torch.arange(n, dtype=torch.long)
+    # largest b with floor(b n / bins) <= r, i.e. b = floor(((r + 1) bins - 1) / n)
+    return ((ranks + 1) * bins - 1) // n
+
+
+def stratified_selection(scores: Tensor, labels: Tensor, *, memory_size: int, seed: int) -> Tensor:
+    """Per class, one uniform draw from each of ``quota`` equal-count bins of the score ranking.
+
+    Order within a class: bin of the highest scores first. Deterministic given ``seed``.
+    """
+    labels = _check_labels(labels)
+    _check_scores(scores, labels)
+    generator = torch.Generator().manual_seed(int(seed))
 
     def pick(members: Tensor, quota: int) -> Tensor:
-        return torch.sort(scores[members], descending=True, stable=True).indices[:quota]
+        n = members.numel()
+        order = torch.sort(scores[members], descending=True, stable=True).indices
+        bins = stratified_bins(n, bins=quota)
+        starts = torch.searchsorted(bins, torch.arange(quota))
+        sizes = torch.bincount(bins, minlength=quota)
+        offset = (torch.rand(quota, generator=generator, dtype=torch.float64) * sizes).long().clamp(max=sizes - 1)
+        return order[starts + offset]
+
+    return _per_class(labels, memory_size, pick)
+
+
+def power_weights(scores: Tensor, *, temperature: float) -> Tensor:
+    """w = scores^temperature (float64), with 0^0 = 1 so that temperature 0 is uniform."""
+    temperature = _check_real("temperature", temperature, low=0.0)
+    s = scores.double()
+    if temperature == 0.0:
+        return torch.ones_like(s)
+    return s.pow(temperature)
+
+
+def proportional_selection(
+    scores: Tensor, labels: Tensor, *, memory_size: int, temperature: float, seed: int
+) -> Tensor:
+    """Per class, ``quota`` draws without replacement, probability proportional to scores^temperature.
+
+    Gumbel-top-k (module docstring): in draw order. Deterministic given ``seed``.
+    """
+    labels = _check_labels(labels)
+    _check_scores(scores, labels, nonnegative=True)
+    weights = power_weights(scores, temperature=temperature)
+    if not bool(torch.isfinite(weights).all()):
+        raise ValueError(f"scores^temperature overflows at temperature {temperature}")
+    generator = torch.Generator().manual_seed(int(seed))
+
+    def pick(members: Tensor, quota: int) -> Tensor:
+        w = weights[members]
+        u = torch.rand(members.numel(), generator=generator, dtype=torch.float64)
+        gumbel = -torch.log(-torch.log(u.clamp(min=1e-300)))
+        positive = w > 0
+        keys = torch.where(positive, torch.log(w.clamp(min=1e-300)) + gumbel, gumbel)
+        # positive weights first (by key), then the zero weights in a uniformly random order
+        order = torch.argsort(keys, descending=True, stable=True)
+        order = torch.cat([order[positive[order]], order[~positive[order]]])
+        return order[:quota]
+
+    return _per_class(labels, memory_size, pick)
+
+
+def trimmed_top_selection(scores: Tensor, labels: Tensor, *, memory_size: int, discard: float) -> Tensor:
+    """Per class, drop the top ``ceil(discard * n_c)`` scores (keeping >= quota), then the top ``quota``."""
+    labels = _check_labels(labels)
+    _check_scores(scores, labels)
+    discard = _check_real("discard", discard, low=0.0, high=1.0)
+
+    def pick(members: Tensor, quota: int) -> Tensor:
+        drop = _discarded(members.numel(), quota, discard)
+        order = torch.sort(scores[members], descending=True, stable=True).indices
+        return order[drop : drop + quota]
+
+    return _per_class(labels, memory_size, pick)
+
+
+def _discarded(n: int, quota: int, discard: float) -> int:
+    """How many of a class's n examples are discarded: ceil(discard n), but leave >= quota."""
+    return min(math.ceil(discard * n - 1e-9), n - quota)
+
+
+def pruned_random_selection(
+    scores: Tensor, labels: Tensor, *, memory_size: int, discard: float, seed: int
+) -> Tensor:
+    """Per class, drop the top ``ceil(discard * n_c)`` scores (keeping >= quota), then ``quota`` at random.
+
+    Deterministic given ``seed``; ``discard = 0`` draws exactly as ``random_selection``.
+    """
+    labels = _check_labels(labels)
+    _check_scores(scores, labels)
+    discard = _check_real("discard", discard, low=0.0, high=1.0)
+    generator = torch.Generator().manual_seed(int(seed))
+
+    def pick(members: Tensor, quota: int) -> Tensor:
+        n = members.numel()
+        drop = _discarded(n, quota, discard)
+        kept = torch.sort(torch.sort(scores[members], descending=True, stable=True).indices[drop:]).values
+        return kept[torch.randperm(n - drop, generator=generator)[:quota]]
 
     return _per_class(labels, memory_size, pick)
 
@@ -158,22 +315,36 @@ def select_memory(
     probs: Tensor | None = None,
     features: Tensor | None = None,
     seed: int | None = None,
+    temperature: float = 1.0,
+    discard: float = 0.1,
 ) -> Tensor:
-    """Class-balanced memory indices by ``mode``; each mode needs exactly its input.
+    """Class-balanced memory indices by ``mode``; each mode needs exactly its inputs.
 
-    sensitivity: ``scores`` (N,); lambda: ``probs`` (N, C); random: ``seed``;
+    sensitivity, trimmed (``discard``): ``scores`` (N,); stratified, proportional
+    (``temperature``), pruned (``discard``): ``scores`` and ``seed``; lambda: ``probs`` (N, C); random: ``seed``;
     herding: ``features`` (N, D).
     """
-    needed = {"sensitivity": "scores", "lambda": "probs", "random": "seed", "herding": "features"}
+    needed = {"sensitivity": ("scores",), "lambda": ("probs",), "random": ("seed",), "herding": ("features",),
+              "stratified": ("scores", "seed"), "proportional": ("scores", "seed"), "trimmed": ("scores",),
+              "pruned": ("scores", "seed")}
     if mode not in needed:
         raise ValueError(f"mode must be one of {sorted(needed)}, got {mode!r}")
     given = {"scores": scores, "probs": probs, "features": features, "seed": seed}
-    if given[needed[mode]] is None:
-        raise ValueError(f"mode {mode!r} needs {needed[mode]}")
+    for name in needed[mode]:
+        if given[name] is None:
+            raise ValueError(f"mode {mode!r} needs {name}")
     if mode == "sensitivity":
         return top_score_selection(scores, labels, memory_size=memory_size)
     if mode == "lambda":
         return top_score_selection(softmax_hessian_trace(probs), labels, memory_size=memory_size)
     if mode == "random":
         return random_selection(labels, memory_size=memory_size, seed=seed)
+    if mode == "stratified":
+        return stratified_selection(scores, labels, memory_size=memory_size, seed=seed)
+    if mode == "proportional":
+        return proportional_selection(scores, labels, memory_size=memory_size, temperature=temperature, seed=seed)
+    if mode == "trimmed":
+        return trimmed_top_selection(scores, labels, memory_size=memory_size, discard=discard)
+    if mode == "pruned":
+        return pruned_random_selection(scores, labels, memory_size=memory_size, discard=discard, seed=seed)
     return herding_selection(features, labels, memory_size=memory_size)

@@ -19,6 +19,17 @@ the glue:
 * ``herding_selector``: iCaRL herding on the (L2-normalised) input of the last
   ``nn.Linear``; any strategy.
 
+``sensitivity_selector(rule=...)`` also chooses from the same scores by the
+coverage-keeping rules of ``cl_bayes.memory`` (issue 13): ``stratified`` (one
+example per equal-count sensitivity-quantile bin of each class),
+``proportional`` (without replacement, probability proportional to S^T),
+``trimmed`` (top S after discarding the top q of each class) and ``pruned``
+(uniform after discarding the top q of each class). Their parameter
+goes in the ``selection`` name after a colon: ``"proportional:0.5"`` is T = 0.5,
+``"trimmed:0.25"`` is q = 0.25; bare names take the defaults (T = 1, q = 0.1).
+``SELECTIONS`` holds the bare names; ``name in SELECTIONS`` accepts a name with
+a valid parameter too (``parse_selection``).
+
 Data. Scores need the whole experience at once. ``experience_data`` reads
 the experience's tensors straight out of Avalanche's dataset tree (the leaves
 of our benchmarks are ``TensorDataset``s; a vectorised replay of Avalanche's
@@ -278,6 +289,9 @@ def _ivon(strategy):
     return strategy.optimizer
 
 
+SENSITIVITY_RULES = ("sensitivity", "stratified", "proportional", "trimmed", "pruned")
+
+
 def sensitivity_selector(
     *,
     estimator: Estimator = "last_layer",
@@ -286,18 +300,29 @@ def sensitivity_selector(
     candidates: int | None = None,
     chunk_size: int | None = None,
     batch_size: int = SCORE_BATCH,
+    rule: str = "sensitivity",
+    temperature: float = 1.0,
+    discard: float = 0.1,
 ) -> Selector:
-    """Per class, the examples with the highest memory-perturbation sensitivity S (Nickl et al. 2023).
+    """Per class, a memory chosen by memory-perturbation sensitivity S (Nickl et al. 2023).
 
     Scored under the IVON posterior at the end of the experience; ``estimator`` of the
     prediction variance: ``last_layer`` (default, one forward pass), ``exact`` or
     ``samples`` (``num_samples`` posterior samples, seeded from ``seed`` and the experience).
     ``candidates``: score only a class-balanced random pool of ``candidates * memory_size``
     examples (seeded from ``seed`` and the experience) instead of all of them.
+    ``rule``: ``sensitivity`` (top S, the default), ``stratified``, ``proportional``
+    (``temperature``), ``trimmed`` or ``pruned`` (``discard``), ``cl_bayes.memory``; the random rules
+    are seeded from ``seed`` and the experience.
     """
     _check_candidates(candidates)
     if estimator not in ("exact", "last_layer", "samples"):
         raise ValueError(f"estimator must be 'exact', 'last_layer' or 'samples', got {estimator!r}")
+    if rule not in SENSITIVITY_RULES:
+        raise ValueError(f"rule must be one of {', '.join(SENSITIVITY_RULES)}, got {rule!r}")
+    # check the rule's parameter now, not at the end of the first experience
+    select_memory(labels=torch.zeros(1, dtype=torch.long), memory_size=1, mode=rule, scores=torch.ones(1),
+                  seed=0, temperature=temperature, discard=discard)
 
     def select(strategy, experience, memory_size: int) -> Tensor:
         optimizer = _ivon(strategy)
@@ -316,9 +341,15 @@ def sensitivity_selector(
                     n_train=n, num_samples=num_samples, generator=generator, chunk_size=chunk_size,
                 ).sensitivity
 
-            return s.select("sensitivity", scores=s.collect(score))
+            extra = {"seed": _rule_seed(seed, experience)} if rule in ("stratified", "proportional", "pruned") else {}
+            return s.select(rule, scores=s.collect(score), temperature=temperature, discard=discard, **extra)
 
     return select
+
+
+def _rule_seed(seed: int, experience) -> int:
+    # distinct from the candidate pool's seed * 10_007 + experience
+    return seed * 10_007 + 5_003 + experience.current_experience
 
 
 def lambda_selector(*, candidates: int | None = None, seed: int = 0, batch_size: int = SCORE_BATCH) -> Selector:
@@ -374,22 +405,62 @@ def random_selector(*, seed: int) -> Selector:
     return select
 
 
-SELECTIONS = ("sensitivity", "lambda", "random", "herding")
+_PARAMETERS = {"proportional": "temperature", "trimmed": "discard", "pruned": "discard"}  # the rules with a parameter
+
+
+def parse_selection(selection: str) -> tuple[str, dict[str, float]]:
+    """``"proportional:0.5"`` -> ``("proportional", {"temperature": 0.5})``; ValueError if invalid.
+
+    A bare name takes its rule's default parameter; only ``proportional``, ``trimmed``
+    and ``pruned`` take one.
+    """
+    if not isinstance(selection, str):
+        raise ValueError(f"selection must be a string, got {selection!r}")
+    name, colon, value = selection.partition(":")
+    if name not in _BASE_SELECTIONS:
+        raise ValueError(f"selection must be one of {', '.join(_BASE_SELECTIONS)}, got {selection!r}")
+    if not colon:
+        return name, {}
+    if name not in _PARAMETERS:
+        raise ValueError(f"selection {name!r} takes no parameter, got {selection!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"the parameter of {selection!r} must be a number") from None
+    kwargs = {_PARAMETERS[name]: number}
+    # the pure functions' own checks (temperature >= 0, discard in [0, 1))
+    select_memory(labels=torch.zeros(1, dtype=torch.long), memory_size=1, mode=name, scores=torch.ones(1),
+                  seed=0, **kwargs)
+    return name, kwargs
+
+
+class _Selections(tuple):
+    """The bare selection names; ``in`` also accepts a name with a valid parameter."""
+
+    def __contains__(self, selection) -> bool:
+        try:
+            parse_selection(selection)
+        except ValueError:
+            return False
+        return True
+
+
+_BASE_SELECTIONS = ("sensitivity", "lambda", "random", "herding", "stratified", "proportional", "trimmed", "pruned")
+SELECTIONS = _Selections(_BASE_SELECTIONS)
 
 
 def make_selector(
     selection: str, *, seed: int, estimator: Estimator = "last_layer", candidates: int | None = None
 ) -> Selector:
-    """The selector for a ``selection`` name (one of ``SELECTIONS``)."""
-    if selection == "sensitivity":
-        return sensitivity_selector(estimator=estimator, seed=seed, candidates=candidates)
-    if selection == "lambda":
+    """The selector for a ``selection`` name (one of ``SELECTIONS``, ``"rule:parameter"`` allowed)."""
+    name, kwargs = parse_selection(selection)
+    if name in SENSITIVITY_RULES:
+        return sensitivity_selector(estimator=estimator, seed=seed, candidates=candidates, rule=name, **kwargs)
+    if name == "lambda":
         return lambda_selector(seed=seed, candidates=candidates)
-    if selection == "random":
+    if name == "random":
         return random_selector(seed=seed)
-    if selection == "herding":
-        return herding_selector()
-    raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
+    return herding_selector()
 
 
 # --- the storage policy ---------------------------------------------------------
