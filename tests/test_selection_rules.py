@@ -233,7 +233,10 @@ def test_select_memory_dispatches_the_new_modes():
 
 
 def test_selection_names_and_parameters():
-    assert parse_selection("proportional") == ("proportional", {})
+    assert parse_selection("proportional") == ("proportional", {"temperature": 0.5})
+    assert parse_selection("trimmed") == ("trimmed", {"discard": 0.5})
+    assert parse_selection("pruned") == ("pruned", {"discard": 0.1})
+    assert parse_selection("stratified") == ("stratified", {})
     assert parse_selection("proportional:0.5") == ("proportional", {"temperature": 0.5})
     assert parse_selection("trimmed:0.25") == ("trimmed", {"discard": 0.25})
     assert parse_selection("pruned:0.5") == ("pruned", {"discard": 0.5})

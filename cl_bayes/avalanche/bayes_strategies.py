@@ -46,7 +46,7 @@ class IVONPriorParams(IVONParams):
 @dataclass
 class IVONReplayParams(IVONParams):
     memory_size: int = 200  # examples kept per experience (class-balanced)
-    selection: str = "sensitivity"  # how they are chosen: sensitivity, lambda, random or herding
+    selection: str = "sensitivity"  # how they are chosen: one of cl_bayes.avalanche.memory.SELECTIONS
     estimator: str = "last_layer"  # sensitivity's variance estimator: last_layer, exact or samples
     candidates: int | None = None  # sensitivity/lambda: score a random pool of candidates * memory_size (None: all)
     accumulate: bool = False  # natural-parameter accumulation (posterior -> next prior) as in ivon-prior
@@ -112,6 +112,10 @@ _ABLATIONS = {
     "lambda": "IVON + replay, memory by FROMP's lambda (softmax-Hessian trace); ivon-replay's ablation",
     "random": "IVON + replay, class-balanced random memory; ivon-replay's ablation",
     "herding": "IVON + replay, memory by iCaRL herding on last-layer features; ivon-replay's ablation",
+    "stratified": "IVON + replay, one random example per sensitivity-quantile bin of a class; ivon-replay's ablation",
+    "proportional": "IVON + replay, drawn with probability proportional to sensitivity^T; ivon-replay's ablation",
+    "trimmed": "IVON + replay, top sensitivity after discarding each class's top q; ivon-replay's ablation",
+    "pruned": "IVON + replay, random after discarding each class's top-q sensitivity; ivon-replay's ablation",
 }
 for _selection, _description in _ABLATIONS.items():
     # The same parameters with another default ``selection``: the spec may still set any field.
