@@ -11,7 +11,7 @@ call of the selector that ``ivon-replay`` runs at the end of the experience: rea
 experience's 10,000 examples, score each under the IVON posterior (``last_layer``
 variance), keep the top 200 (class-balanced); and the same scoring only a seeded random
 pool of 10 candidates per memory slot (``candidates = 10``: 2,000 examples); and the
-coverage-keeping rules (``stratified``, ``proportional``, ``trimmed``) on all 10,000 scores.
+coverage-keeping rules (``stratified``, ``proportional``, ``trimmed``, ``pruned``) on all 10,000 scores.
 ``test_selection`` also times the training itself (min of 3) and reports
 ``selection / training`` in ``extra_info`` and on stdout; the target is <= 5%.
 
@@ -53,6 +53,7 @@ VARIANTS = {
     "stratified-all": ("last_layer", None, "stratified"),
     "proportional-all": ("last_layer", None, "proportional"),
     "trimmed-all": ("last_layer", None, "trimmed"),
+    "pruned-all": ("last_layer", None, "pruned"),
 }
 
 
