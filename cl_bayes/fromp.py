@@ -185,7 +185,8 @@ class FunctionalPrior:
         block_size: int | None = None,
     ) -> None:
         _check_form(kernel)
-        if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
+        bad_block = isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1
+        if block_size is not None and bad_block:
             raise ValueError(f"block_size must be a positive int or None, got {block_size!r}")
         if tau < 0:
             raise ValueError(f"tau must be non-negative, got {tau}")
@@ -197,6 +198,7 @@ class FunctionalPrior:
         self.chunk_size = chunk_size
         self.block_size = block_size
         self.tasks: list[MemorableTask] = []  # one per kernel block: an experience's memory, or a block of it
+        self.version = 0  # counts re-anchorings (SagaGradient's table is then stale)
         self._curvatures: list[Tensor | None] = []  # per task: diag(J^T K^-1 J) at its anchor, when asked
         self._inputs: Tensor | None = None  # all memories, concatenated
         self._mask: Tensor | None = None
@@ -283,6 +285,7 @@ class FunctionalPrior:
         kernel, instead of keeping each task's values from the end of its own experience.
         """
         old, self.tasks = self.tasks, []
+        self.version += 1
         for task in old:
             self.tasks.append(self._memorable_task(model, posterior, task.inputs, task.class_mask))
         self._curvatures = [None] * len(self.tasks)
@@ -327,6 +330,29 @@ class FunctionalPrior:
         sizes = [t.inputs.shape[0] for t in tasks]
         return [p - t.probs for p, t in zip(probs.split(sizes), tasks, strict=True)]
 
+    def block_terms(
+        self, model: nn.Module, blocks: list[int] | None = None, params: dict[str, Tensor] | None = None
+    ) -> list[Tensor]:
+        """tau/2 r_b^T K_b^{-1} r_b for each block (all, or ``blocks``), from one forward pass.
+
+        K_b^{-1} is fixed and symmetric, so the gradient of r^T K^{-1} r / 2 w.r.t. r is
+        v = K^{-1} r. One product per block, on the detached residual, gives the value and that
+        gradient: r . v - r_detached . v / 2 has value r^T K^{-1} r / 2 and gradient v, and
+        autograd never multiplies by K^{-1} again (half the kernel traffic of differentiating
+        the product). Its first derivatives are exact; its second derivatives are not R's.
+        """
+        tasks = self.tasks if blocks is None else [self.tasks[b] for b in blocks]
+        out = []
+        for r, t in zip(self.residuals(model, params, blocks), tasks, strict=True):
+            fixed = r.detach()
+            v = apply_kernel_inverse(fixed, t.kernel_inverse, self.kernel)
+            out.append(self.tau * ((r * v).sum() - 0.5 * (fixed * v).sum()))
+        return out
+
+    def _check_blocks(self, blocks: list[int]) -> None:
+        if not blocks or len(set(blocks)) != len(blocks) or not all(0 <= b < len(self.tasks) for b in blocks):
+            raise ValueError(f"blocks must be distinct indices in [0, {len(self.tasks)}), got {blocks!r}")
+
     def __call__(
         self, model: nn.Module, params: dict[str, Tensor] | None = None, *, blocks: list[int] | None = None
     ) -> Tensor:
@@ -334,23 +360,71 @@ class FunctionalPrior:
         if not self.tasks:
             param = next(iter(model.parameters()))
             return param.new_zeros(())
+        scale = 1.0
         if blocks is not None:
-            if not blocks or len(set(blocks)) != len(blocks) or not all(0 <= b < len(self.tasks) for b in blocks):
-                raise ValueError(f"blocks must be distinct indices in [0, {len(self.tasks)}), got {blocks!r}")
-            tasks, scale = [self.tasks[b] for b in blocks], len(self.tasks) / len(blocks)
-        else:
-            tasks, scale = self.tasks, 1.0
-        # K_s^{-1} is fixed and symmetric, so the gradient of r^T K^{-1} r / 2 w.r.t. r is v = K^{-1} r.
-        # One product per task, on the detached residual, gives the value and that gradient:
-        # r . v - r_detached . v / 2 has value r^T K^{-1} r / 2 and gradient v, and autograd never
-        # multiplies by K^{-1} again (half the kernel traffic of differentiating the product).
-        # Its first derivatives are exact; its second derivatives are not R's.
-        total = 0.0
-        for r, t in zip(self.residuals(model, params, blocks), tasks, strict=True):
-            fixed = r.detach()
-            v = apply_kernel_inverse(fixed, t.kernel_inverse, self.kernel)
-            total = total + (r * v).sum() - 0.5 * (fixed * v).sum()
-        return (self.tau * scale) * total
+            self._check_blocks(blocks)
+            scale = len(self.tasks) / len(blocks)
+        return scale * sum(self.block_terms(model, blocks, params))
+
+
+class SagaGradient:
+    """The term's gradient from ``blocks_per_step`` blocks per step, unbiased, with SAGA's variance reduction.
+
+    Defazio, Bach & Lacoste-Julien (NeurIPS 2014). A table keeps each block's gradient when
+    it was last evaluated, g_b; a step draws n of the B blocks and returns
+
+        sum_b g_b + B / n * sum_{b drawn} (grad_b(w) - g_b),        then g_b <- grad_b(w),
+
+    whose expectation over the draw is sum_b grad_b(w), the exact (blocked) gradient, and
+    whose variance vanishes as the weights settle (plain B / n scaling, ``FunctionalPrior(blocks=)``,
+    has the variance of the blocks' spread, which made IVON's stiff directions unstable:
+    docs/BISECTION.md step 4). A block enters the table with g_b = 0, exact at its anchor,
+    where the residual is zero; ``reanchor`` (new anchors at the current weights) zeroes the
+    table again. The value returned is the same estimator applied to the block values.
+    Memory: one flat gradient per block (B x P floats).
+    """
+
+    def __init__(self, prior: FunctionalPrior, *, blocks_per_step: int, generator: torch.Generator | None = None):
+        if isinstance(blocks_per_step, bool) or not isinstance(blocks_per_step, int) or blocks_per_step < 1:
+            raise ValueError(f"blocks_per_step must be a positive int, got {blocks_per_step!r}")
+        self.prior = prior
+        self.blocks_per_step = blocks_per_step
+        self.generator = generator
+        self._grads: Tensor | None = None  # (B, P)
+        self._values: Tensor | None = None  # (B,)
+        self._version = -1
+
+    def _sync(self, num_params: int, like: Tensor) -> None:
+        count = len(self.prior)
+        if self._version != self.prior.version or self._grads is None:  # re-anchored (or first use): all at anchor
+            self._grads = like.new_zeros((count, num_params))
+            self._values = like.new_zeros(count)
+            self._version = self.prior.version
+        elif self._grads.shape[0] < count:  # new blocks, at their anchor
+            extra = count - self._grads.shape[0]
+            self._grads = torch.cat([self._grads, like.new_zeros((extra, num_params))])
+            self._values = torch.cat([self._values, like.new_zeros(extra)])
+
+    def __call__(self, model: nn.Module, params: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """(value, flat gradient w.r.t. ``params``), estimated as above; zeros before any task."""
+        num = sum(p.numel() for p in params)
+        if not len(self.prior):
+            return params[0].new_zeros(()), params[0].new_zeros(num)
+        self._sync(num, params[0].detach())
+        drawn = self.prior.draw_blocks(self.blocks_per_step, self.generator)
+        scale = len(self.prior) / len(drawn)
+        terms = self.prior.block_terms(model, drawn)
+        grad = self._grads.sum(0)
+        value = self._values.sum()
+        for i, (b, term) in enumerate(zip(drawn, terms, strict=True)):
+            parts = torch.autograd.grad(term, params, retain_graph=i + 1 < len(terms), allow_unused=True)
+            new = torch.cat([torch.zeros_like(p).reshape(-1) if g is None else g.reshape(-1)
+                             for p, g in zip(params, parts, strict=True)])
+            grad.add_(new - self._grads[b], alpha=scale)
+            value = value + scale * (term.detach() - self._values[b])
+            self._grads[b] = new
+            self._values[b] = term.detach()
+        return value, grad
 
 
 @torch.no_grad()

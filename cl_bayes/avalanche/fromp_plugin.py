@@ -49,8 +49,10 @@
 
 Sampled term (``block_size``, ``blocks_per_step``): each experience's memory is split into
 kernel blocks of at most ``block_size`` points when it is added, and each step evaluates
-``blocks_per_step`` blocks drawn uniformly (a seeded generator of its own), scaled to be
-unbiased (``cl_bayes.fromp``). None (the default): every memorable point at every step.
+``blocks_per_step`` blocks drawn uniformly (a seeded generator of its own). With IVON at
+the mean (``before_update``) the gradient is SAGA's unbiased, variance-reduced estimate
+(``cl_bayes.fromp.SagaGradient``); otherwise (``before_backward``) the drawn blocks scaled
+by B / n. None (the default): every memorable point at every step.
 
 Scaling of tau (FROMP's convention). The strategy's loss is the *mean* cross-entropy
 over the mini-batch, and the plugin adds ``tau / 2 * sum_s r_s^T K_s^{-1} r_s`` to it;
@@ -109,7 +111,7 @@ from torch import Tensor
 
 from cl_bayes.avalanche.memory import SELECTIONS, ExperienceData, Selector, experience_data, make_selector
 from cl_bayes.avalanche.models import class_mask, unwrap
-from cl_bayes.fromp import FunctionalPrior, KernelForm
+from cl_bayes.fromp import FunctionalPrior, KernelForm, SagaGradient
 from cl_bayes.laplace import DiagonalLaplace
 
 ESTIMATORS = ("last_layer", "exact", "samples")
@@ -206,6 +208,10 @@ class FunctionalRegularisationPlugin(SupervisedPlugin):
         self.prior = FunctionalPrior(tau=tau, kernel=kernel, eps=eps, chunk_size=chunk_size, block_size=block_size)
         self.blocks_per_step = blocks_per_step
         self._generator = torch.Generator().manual_seed(seed)  # the blocks drawn per step; not the global RNG
+        self._saga = (
+            None if blocks_per_step is None
+            else SagaGradient(self.prior, blocks_per_step=blocks_per_step, generator=self._generator)
+        )
         self.memory_size = memory_size
         self.selector = selector
         self.laplace = laplace
@@ -245,9 +251,15 @@ class FunctionalRegularisationPlugin(SupervisedPlugin):
         """
         if not len(self.prior) or not self._term_of_the_mean(strategy):
             return
+        params = strategy.optimizer.params
         with _eval_mode(unwrap(strategy.model)) as net:
-            penalty = self.prior(net, blocks=self._blocks())
-            grads = torch.autograd.grad(penalty, strategy.optimizer.params, allow_unused=True)
+            if self._saga is not None:
+                penalty, flat = self._saga(net, list(params))
+                grads = flat.split([p.numel() for p in params])
+                grads = [g.view_as(p) for g, p in zip(grads, params, strict=True)]
+            else:
+                penalty = self.prior(net)
+                grads = torch.autograd.grad(penalty, params, allow_unused=True)
         strategy.optimizer.add_mean_gradient(grads)
         strategy.loss = strategy.loss + penalty.detach()
         self.last_penalty = penalty.detach()
