@@ -50,7 +50,7 @@ Task-incremental masks: the softmax is over the memory's allowed classes;
 masked classes have zero residual, zero Jacobian, and their kernel rows and
 columns are replaced by those of the identity, so they contribute nothing.
 
-Sampled term (``block_size``, ``blocks_per_step`` of ``__call__``'s ``blocks``). Exact FROMP
+Sampled term (``block_size``; ``__call__(blocks=)``, ``SagaGradient``). Exact FROMP
 touches every memorable point at every step: at experience 10 of permuted MNIST, 1,800
 points, ~10 batches' worth of forward and backward. With ``block_size`` each experience's
 memory is split once, when it is added, into blocks of at most ``block_size`` points
@@ -59,7 +59,10 @@ and inverse: the kernel becomes block-diagonal over blocks, an approximation (ex
 ``block_size`` >= the memory size) that drops the cross-block correlations of K. A step
 then evaluates ``n`` blocks drawn uniformly without replacement (``draw_blocks``) and
 scales their sum by B / n (B blocks in all): its value and gradient are unbiased for the
-blocked term. The curvature (``curvature``) is the blocked term's, over all blocks.
+blocked term; ``SagaGradient`` is SAGA's lower-variance unbiased estimate of its gradient.
+The curvature (``curvature``) is the blocked term's, over all blocks. Both estimators are
+opt-in: on split MNIST both collapsed the old tasks where the exact term did not
+(docs/BISECTION.md, step 4).
 
 The memories are evaluated in the model's current mode as one batch (beware
 of BatchNorm in training mode: it would use the memory's batch statistics).
@@ -100,6 +103,11 @@ class MemorableTask:
     kernel: Tensor | None  # block: (C, M, M); full: (M, C, C); identity: None
     kernel_inverse: Tensor | None  # same shape as kernel
     anchor: Tensor  # mu_s, the flat posterior mean at which m_s and K_s were computed (P,)
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def _check_form(form: str) -> None:
@@ -185,9 +193,8 @@ class FunctionalPrior:
         block_size: int | None = None,
     ) -> None:
         _check_form(kernel)
-        bad_block = isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1
-        if block_size is not None and bad_block:
-            raise ValueError(f"block_size must be a positive int or None, got {block_size!r}")
+        if block_size is not None:
+            _check_positive_int("block_size", block_size)
         if tau < 0:
             raise ValueError(f"tau must be non-negative, got {tau}")
         if eps < 0 or (eps == 0 and kernel != "identity"):
@@ -271,8 +278,7 @@ class FunctionalPrior:
 
     def draw_blocks(self, count: int, generator: torch.Generator | None = None) -> list[int]:
         """``count`` distinct block indices, uniformly at random (all of them if count >= len(self))."""
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise ValueError(f"count must be a positive int, got {count!r}")
+        _check_positive_int("count", count)
         if count >= len(self.tasks):
             return list(range(len(self.tasks)))
         return torch.randperm(len(self.tasks), generator=generator)[:count].sort().values.tolist()
@@ -311,7 +317,7 @@ class FunctionalPrior:
         return total.mul_(self.tau)
 
     def residuals(
-        self, model: nn.Module, params: dict[str, Tensor] | None = None, blocks: list[int] | None = None
+        self, model: nn.Module, params: dict[str, Tensor] | None = None, *, blocks: list[int] | None = None
     ) -> list[Tensor]:
         """r_s = m_s(w) - m_s per block (all, or those in ``blocks``), from one forward pass.
 
@@ -331,7 +337,7 @@ class FunctionalPrior:
         return [p - t.probs for p, t in zip(probs.split(sizes), tasks, strict=True)]
 
     def block_terms(
-        self, model: nn.Module, blocks: list[int] | None = None, params: dict[str, Tensor] | None = None
+        self, model: nn.Module, blocks: list[int] | None = None, *, params: dict[str, Tensor] | None = None
     ) -> list[Tensor]:
         """tau/2 r_b^T K_b^{-1} r_b for each block (all, or ``blocks``), from one forward pass.
 
@@ -343,7 +349,7 @@ class FunctionalPrior:
         """
         tasks = self.tasks if blocks is None else [self.tasks[b] for b in blocks]
         out = []
-        for r, t in zip(self.residuals(model, params, blocks), tasks, strict=True):
+        for r, t in zip(self.residuals(model, params, blocks=blocks), tasks, strict=True):
             fixed = r.detach()
             v = apply_kernel_inverse(fixed, t.kernel_inverse, self.kernel)
             out.append(self.tau * ((r * v).sum() - 0.5 * (fixed * v).sum()))
@@ -364,7 +370,7 @@ class FunctionalPrior:
         if blocks is not None:
             self._check_blocks(blocks)
             scale = len(self.tasks) / len(blocks)
-        return scale * sum(self.block_terms(model, blocks, params))
+        return scale * sum(self.block_terms(model, blocks, params=params))
 
 
 class SagaGradient:
@@ -377,16 +383,16 @@ class SagaGradient:
 
     whose expectation over the draw is sum_b grad_b(w), the exact (blocked) gradient, and
     whose variance vanishes as the weights settle (plain B / n scaling, ``FunctionalPrior(blocks=)``,
-    has the variance of the blocks' spread, which made IVON's stiff directions unstable:
-    docs/BISECTION.md step 4). A block enters the table with g_b = 0, exact at its anchor,
+    has the variance of the blocks' spread). Measured: it does not make the sampled term
+    usable; on split MNIST it collapses like plain scaling (docs/BISECTION.md, step 4).
+    A block enters the table with g_b = 0, exact at its anchor,
     where the residual is zero; ``reanchor`` (new anchors at the current weights) zeroes the
     table again. The value returned is the same estimator applied to the block values.
     Memory: one flat gradient per block (B x P floats).
     """
 
     def __init__(self, prior: FunctionalPrior, *, blocks_per_step: int, generator: torch.Generator | None = None):
-        if isinstance(blocks_per_step, bool) or not isinstance(blocks_per_step, int) or blocks_per_step < 1:
-            raise ValueError(f"blocks_per_step must be a positive int, got {blocks_per_step!r}")
+        _check_positive_int("blocks_per_step", blocks_per_step)
         self.prior = prior
         self.blocks_per_step = blocks_per_step
         self.generator = generator

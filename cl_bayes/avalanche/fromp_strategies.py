@@ -74,7 +74,7 @@ class FunctionalParams:
     term_at: str = "mean"  # evaluate the term at the posterior mean, or at the sampled network (docs/BISECTION.md)
     term_curvature: bool = True  # the term's Hessian at its anchors joins IVON's preconditioner (term_at mean)
     block_size: int | None = None  # split each experience's memory into kernel blocks of this many points (None: one)
-    blocks_per_step: int | None = None  # blocks evaluated per step, drawn at random, unbiased (None: all, exact)
+    blocks_per_step: int | None = None  # blocks per step, SAGA estimate (None: exact; sampled collapsed: BISECTION 4)
 
     def __post_init__(self):
         if not isinstance(self.term_curvature, bool):
