@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -30,12 +31,13 @@ def bundle():
     return build_benchmark(config, data_root=DATA)
 
 
-def make_strategy(bundle, *plugins, test_samples=4, mc_samples=1, ess=None):
+def make_strategy(bundle, *plugins, test_samples=4, mc_samples=1, ess=None, lr_schedule="constant"):
     torch.manual_seed(0)
     model = TaskMaskedModel(MLP(in_features=784, hidden=[32], num_classes=10), bundle.class_masks)
     optimizer = IVON(model.parameters(), lr=0.1, ess=len(bundle.train[0].y), hess_init=0.1, mc_samples=mc_samples)
     return IVONStrategy(model=model, optimizer=optimizer, mc_samples=mc_samples, test_samples=test_samples, ess=ess,
-                        train_mb_size=64, train_epochs=2, eval_mb_size=500, evaluator=None, plugins=list(plugins))
+                        lr_schedule=lr_schedule, train_mb_size=64, train_epochs=2, eval_mb_size=500, evaluator=None,
+                        plugins=list(plugins))
 
 
 class Recorder(SupervisedPlugin):
@@ -68,6 +70,46 @@ def test_state_survives_experiences_and_ess_follows_the_data(bundle):
     assert torch.equal(rec.before[1]["mean"], rec.after[0]["mean"])
     assert not torch.equal(rec.after[0]["hess"], torch.full_like(rec.after[0]["hess"], 0.1))  # it did learn h
     assert rec.ess == [float(len(bundle.train[0].y)), float(len(bundle.train[1].y))]
+
+
+class LrRecorder(SupervisedPlugin):
+    """The learning rate of every IVON step (read after the step), per experience."""
+
+    def __init__(self):
+        super().__init__()
+        self.lrs: list[list[float]] = []
+
+    def before_training_exp(self, strategy, **kwargs):
+        self.lrs.append([])
+
+    def after_update(self, strategy, **kwargs):
+        self.lrs[-1].append(strategy.optimizer.param_groups[0]["lr"])
+
+
+def test_cosine_schedule_anneals_each_experience_and_restarts(bundle):
+    rec = LrRecorder()
+    strategy = make_strategy(bundle, rec, lr_schedule="cosine")
+    for exp in bundle.benchmark.train_stream[:2]:
+        strategy.train(exp)
+    for lrs in rec.lrs:
+        total = len(lrs)  # 2 epochs of ceil(n / 64) steps
+        assert total == 2 * -(-len(bundle.train[0].y) // 64)
+        assert lrs[0] == pytest.approx(0.1)
+        assert all(a > b for a, b in zip(lrs, lrs[1:], strict=False))  # strictly decreasing
+        assert lrs[-1] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * (total - 1) / total)))
+        assert lrs[total // 2] == pytest.approx(0.05)
+
+
+def test_constant_schedule_never_touches_the_rate(bundle):
+    rec = LrRecorder()
+    strategy = make_strategy(bundle, rec)
+    strategy.train(bundle.benchmark.train_stream[0])
+    assert set(rec.lrs[0]) == {0.1}
+
+
+def test_unknown_schedule_is_an_error(bundle):
+    with pytest.raises(ValueError, match="lr_schedule must be one of constant, cosine"):
+        make_strategy(bundle, lr_schedule="step")
 
 
 def test_fixed_ess_is_kept(bundle):

@@ -34,6 +34,7 @@ class IVONParams:
     clip_radius: float | None = None  # element-wise clipping of the update (None: no clipping)
     mc_samples: int = 1  # posterior samples per training step
     test_samples: int = 10  # posterior samples for the Bayesian model average (0: predict at the mean)
+    lr_schedule: str = "constant"  # within each experience: constant or cosine (to 0; cl_bayes.schedules)
 
 
 @dataclass
@@ -75,6 +76,7 @@ def ivon_strategy(ctx: BuildContext, *plugins) -> IVONStrategy:
     )
     return IVONStrategy(
         optimizer=optimizer, mc_samples=p.mc_samples, test_samples=p.test_samples, ess=p.ess,
+        lr_schedule=p.lr_schedule,
         plugins=with_plugins(ctx, *plugins), **ctx.template_args(),
     )
 

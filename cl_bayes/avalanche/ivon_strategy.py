@@ -13,6 +13,9 @@
   at every experience (its issue #725); here the IVON optimizer is kept as it
   is, and only ``ess`` is set to the new experience's training-set size (unless
   ``ess`` was given).
+* **learning-rate schedule** (``lr_schedule``, ``cl_bayes.schedules``): ``constant``
+  (the default) or ``cosine``, annealed over each experience's ``train_epochs *
+  len(dataloader)`` steps and restarted at the next one; set before each IVON step.
 * **prediction** (``forward`` in evaluation, ``predict_proba``): the Bayesian
   model average of the softmax over ``test_samples`` posterior samples, or the
   posterior mean when ``test_samples == 0``. In Avalanche's evaluation loop the
@@ -33,6 +36,7 @@ from torch import Tensor
 
 from cl_bayes.ivon import IVON
 from cl_bayes.natural import carry_posterior_to_prior
+from cl_bayes.schedules import check_schedule, lr_at
 
 
 class IVONStrategy(SupervisedTemplate):
@@ -46,6 +50,7 @@ class IVONStrategy(SupervisedTemplate):
         mc_samples: int = 1,
         test_samples: int = 10,
         ess: float | None = None,
+        lr_schedule: str = "constant",
         **kwargs,
     ):
         if not isinstance(optimizer, IVON):
@@ -58,11 +63,25 @@ class IVONStrategy(SupervisedTemplate):
         self.mc_samples = mc_samples
         self.test_samples = test_samples
         self.fixed_ess = ess
+        self.lr_schedule = check_schedule(lr_schedule)
+        self._base_lrs = [group["lr"] for group in optimizer.param_groups]
+        self._lr_step = 0  # IVON steps taken in this experience
+        self._lr_total = 1  # IVON steps this experience will take (set in make_optimizer)
 
     # -- optimizer lifetime ---------------------------------------------------------
     def make_optimizer(self, **kwargs):
         """Keep IVON's posterior across experiences; set ``ess`` to this experience's data size."""
         self.optimizer.ess = float(self.fixed_ess or len(self.experience.dataset))
+        self._lr_step = 0
+        self._lr_total = max(1, self.train_epochs * len(self.dataloader))
+
+    def _set_lr(self) -> None:
+        """This step's learning rate in every group (``lr_schedule``); a no-op when constant."""
+        if self.lr_schedule == "constant":
+            return
+        for group, base in zip(self.optimizer.param_groups, self._base_lrs, strict=True):
+            group["lr"] = lr_at(self.lr_schedule, base, self._lr_step, self._lr_total)
+        self._lr_step += 1
 
     # -- training -------------------------------------------------------------------
     def training_epoch(self, **kwargs):
@@ -86,6 +105,7 @@ class IVONStrategy(SupervisedTemplate):
                 total += self.loss.detach()
             self.loss = total / self.mc_samples
             self._before_update(**kwargs)
+            self._set_lr()
             self.optimizer_step()
             self._after_update(**kwargs)
             self._after_training_iteration(**kwargs)
