@@ -129,8 +129,9 @@ def assert_memory_holds(record, memory_size, n_experiences_so_far):
 
 
 @pytest.mark.parametrize("bench", ["split-mnist", "split-mnist-ci"])
-def test_ivon_replay_keeps_the_most_sensitive_examples_per_class(bundles, bench):
-    cfg = config("ivon-replay", bench, train_per_experience={"split-mnist": 200, "split-mnist-ci": 500}[bench])
+def test_sensitivity_ablation_keeps_the_most_sensitive_examples_per_class(bundles, bench):
+    n_train = {"split-mnist": 200, "split-mnist-ci": 500}[bench]
+    cfg = config("ivon-replay-sensitivity", bench, train_per_experience=n_train)
     memory_size = cfg.params["memory_size"]
     assert memory_size == {"split-mnist": 40, "split-mnist-ci": 200}[bench]  # replay.toml's sizes
     _, records = run_tiny(bundles, cfg)
@@ -156,8 +157,9 @@ def test_lambda_ablation_keeps_top_softmax_hessian_trace(bundles):
         assert_memory_holds(r, 40, i + 1)
 
 
-def test_herding_ablation_matches_icarl_herding_on_last_layer_features(bundles):
-    cfg = config("ivon-replay-herding")
+def test_ivon_replay_default_matches_icarl_herding_on_last_layer_features(bundles):
+    cfg = config("ivon-replay")
+    assert cfg.params["selection"] == "herding"  # the best rule on validation (strategies/ivon-replay.toml)
     _, records = run_tiny(bundles, cfg)
     for i, r in enumerate(records):
         assert torch.equal(r.chosen, herding_selection(r.features, r.y, memory_size=40))
@@ -176,7 +178,7 @@ def test_random_ablation_matches_seeded_class_balanced_choice(bundles):
 def test_ablations_run_end_to_end_with_equal_memory(mnist_root):
     from cl_bayes.avalanche.runner import run
 
-    for name in ("ivon-replay", "ivon-replay-lambda", "ivon-replay-random", "ivon-replay-herding"):
+    for name in ("ivon-replay", "ivon-replay-sensitivity", "ivon-replay-lambda", "ivon-replay-random"):
         cfg = config(name, "split-mnist-ci", test_per_experience=50)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore")
@@ -190,7 +192,7 @@ def test_accumulate_selects_before_the_posterior_becomes_the_prior(bundles):
     """With ``accumulate`` the replay plugin (selection) runs before the carry; the recorder runs
     after it, when the prior is the pre-carry posterior (temper = 1): the selection must be the
     top sensitivity under that prior, i.e. under the posterior the experience ended with."""
-    cfg = config("ivon-replay", accumulate=True)
+    cfg = config("ivon-replay-sensitivity", accumulate=True)
     strategy, records = run_tiny(bundles, cfg)
     kinds = [type(p) for p in strategy.plugins]
     assert kinds.index(ReplayPlugin) < kinds.index(NaturalParameterAccumulation)
@@ -203,7 +205,7 @@ def test_accumulate_selects_before_the_posterior_becomes_the_prior(bundles):
 
 
 def test_candidate_pool_scores_only_a_seeded_random_pool(bundles):
-    cfg = config("ivon-replay", candidates=2)
+    cfg = config("ivon-replay-sensitivity", candidates=2)
     _, records = run_tiny(bundles, cfg)
     for r in records:
         pool = select_memory(labels=r.y, memory_size=80, mode="random", seed=0 * 10_007 + r.exp)

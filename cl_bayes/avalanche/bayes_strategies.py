@@ -5,12 +5,14 @@
 * ``ivon-prior``: IVON with natural-parameter accumulation: the posterior after each
   experience is the next experience's prior (the VCL-like method).
 * ``ivon-replay``: IVON with Avalanche's ReplayPlugin over a ``PerExperienceMemory``
-  whose examples are chosen by memory-perturbation sensitivity under the IVON
-  posterior at the end of each experience (``cl_bayes.avalanche.memory``); optional
-  natural-parameter accumulation (``accumulate``).
-* ``ivon-replay-lambda``, ``ivon-replay-random``, ``ivon-replay-herding``: the same
-  strategy and builder, the memory chosen by FROMP's lambda, at random, or by iCaRL
-  herding (presets of the ``selection`` parameter): equal memory, only the choice differs.
+  whose examples are chosen at the end of each experience by ``selection``
+  (``cl_bayes.avalanche.memory``): iCaRL herding by default, the best rule on the
+  validation split (issue 13; no memory-perturbation sensitivity rule beat random
+  there); optional natural-parameter accumulation (``accumulate``).
+* ``ivon-replay-sensitivity``, ``ivon-replay-lambda``, ``ivon-replay-random``, ...: the
+  same strategy and builder with another ``selection`` (top-k sensitivity, FROMP's
+  lambda, uniform, the coverage-keeping sensitivity rules): equal memory, only the
+  choice differs.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class IVONPriorParams(IVONParams):
 @dataclass
 class IVONReplayParams(IVONParams):
     memory_size: int = 200  # examples kept per experience (class-balanced)
-    selection: str = "sensitivity"  # how they are chosen: one of cl_bayes.avalanche.memory.SELECTIONS
+    selection: str = "herding"  # how they are chosen: one of cl_bayes.avalanche.memory.SELECTIONS
     estimator: str = "last_layer"  # sensitivity's variance estimator: last_layer, exact or samples
     candidates: int | None = None  # sensitivity/lambda: score a random pool of candidates * memory_size (None: all)
     accumulate: bool = False  # natural-parameter accumulation (posterior -> next prior) as in ivon-prior
@@ -107,13 +109,13 @@ def _ivon_replay(ctx: BuildContext):
 
 
 register(
-    "ivon-replay", IVONReplayParams, "IVON + replay of the examples with the highest posterior sensitivity (MPE)"
+    "ivon-replay", IVONReplayParams, "IVON + replay, memory by iCaRL herding (the best rule on validation)"
 )(_ivon_replay)
 
 _ABLATIONS = {
+    "sensitivity": "IVON + replay, top-k memory-perturbation sensitivity (MPE); ivon-replay's ablation",
     "lambda": "IVON + replay, memory by FROMP's lambda (softmax-Hessian trace); ivon-replay's ablation",
     "random": "IVON + replay, class-balanced random memory; ivon-replay's ablation",
-    "herding": "IVON + replay, memory by iCaRL herding on last-layer features; ivon-replay's ablation",
     "stratified": "IVON + replay, one random example per sensitivity-quantile bin of a class; ivon-replay's ablation",
     "proportional": "IVON + replay, drawn with probability proportional to sensitivity^T; ivon-replay's ablation",
     "trimmed": "IVON + replay, top sensitivity after discarding each class's top q; ivon-replay's ablation",
