@@ -11,7 +11,8 @@ strategies compare at equal memory.
 
 The registry is an explicit dictionary, filled by the ``register`` decorator
 below (and by ``cl_bayes.avalanche.bayes_strategies`` and ``fromp_strategies``
-for the Bayesian strategies): no folder scanning, nothing happens at import time beyond that.
+for the Bayesian strategies, ``merge_strategies`` for the merging ones): no folder
+scanning, nothing happens at import time beyond that.
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ def _register_all() -> None:
     """Import the modules whose strategies register themselves here (explicit list, no scanning)."""
     import cl_bayes.avalanche.bayes_strategies  # noqa: F401
     import cl_bayes.avalanche.fromp_strategies  # noqa: F401
+    import cl_bayes.avalanche.merge_strategies  # noqa: F401
     import cl_bayes.avalanche.vcl_strategy  # noqa: F401
 
 
