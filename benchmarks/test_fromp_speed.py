@@ -17,6 +17,9 @@ sampling. The IVON variants differ only in the loss's gradient:
   ``FunctionalRegularisationPlugin.before_update`` does with IVON);
 * ``ivon-fromp-sampled-NxB``: the same with ``SagaGradient`` over kernel blocks of B points,
   N drawn per step (the plugin's ``block_size``, ``blocks_per_step``);
+* ``ivon-fromp-refresh-K``: the exact term every K steps, its diagonal quadratic model between
+  (``RefreshedGradient``, the plugin's ``refresh_every``). **One round is K steps**: divide the
+  row's times by K for the time per step;
 * ``jacobian-loop``: + ``reference_gradient_jacobian_loop``, the same gradient with one backward
   pass per memorable output (9 x 200 x 10 = 18,000), added to ``.grad``; one round only;
 * ``memory-pass``: + a kernel-free term over the same 1,800 points (their mean log-sum-exp):
@@ -50,15 +53,16 @@ import pytest
 import torch
 from _torch_threads import one_thread, torch_threads  # noqa: F401 (one_thread is a fixture)
 
-from cl_bayes.fromp import FunctionalPrior, SagaGradient, reference_gradient_jacobian_loop
+from cl_bayes.fromp import FunctionalPrior, RefreshedGradient, SagaGradient, reference_gradient_jacobian_loop
 from cl_bayes.ivon import IVON
 from cl_bayes.models import MLP
 
 PAST, MEMORY, CLASSES, BATCH = 9, 200, 10, 128
 SAMPLED = {"ivon-fromp-sampled-1x50": (50, 1), "ivon-fromp-sampled-2x50": (50, 2), "ivon-fromp-sampled-1x100": (100, 1)}
-VARIANTS = ("naive", "ivon", "memory-pass", "ivon-fromp", *SAMPLED, "jacobian-loop")
+REFRESHED = {"ivon-fromp-refresh-10": 10, "ivon-fromp-refresh-20": 20, "ivon-fromp-refresh-40": 40}
+VARIANTS = ("naive", "ivon", "memory-pass", "ivon-fromp", *SAMPLED, *REFRESHED, "jacobian-loop")
 ROUNDS = {"naive": 300, "ivon": 300, "memory-pass": 50, "ivon-fromp": 50, "jacobian-loop": 1}
-ROUNDS |= dict.fromkeys(SAMPLED, 300)
+ROUNDS |= dict.fromkeys(SAMPLED, 300) | dict.fromkeys(REFRESHED, 30)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -99,6 +103,8 @@ def make_step(name: str, model, optimizer: IVON, prior: FunctionalPrior, blocked
         adam.step()
 
     gen = torch.Generator().manual_seed(0)
+    refreshed = RefreshedGradient(prior, refresh_every=REFRESHED[name]) if name in REFRESHED else None
+    curvature = prior.curvature(model) if refreshed is not None else None
     saga = None
     if name in SAMPLED:
         size, count = SAMPLED[name]
@@ -116,14 +122,21 @@ def make_step(name: str, model, optimizer: IVON, prior: FunctionalPrior, blocked
                 grad = reference_gradient_jacobian_loop(prior, model)
                 for p, g in zip(params, grad.split([p.numel() for p in params]), strict=True):
                     p.grad.add_(g.view_as(p))
-        if name == "ivon-fromp" or name in SAMPLED:  # the plugin's before_update: the term at the mean
-            if saga is not None:  # the plugin's path with blocks_per_step: SAGA's estimate
-                flat = saga(model, params)[1]
+        if name == "ivon-fromp" or name in SAMPLED or name in REFRESHED:  # the plugin's before_update, at the mean
+            if saga is not None or refreshed is not None:  # blocks_per_step (SAGA) or refresh_every
+                flat = saga(model, params)[1] if saga is not None else refreshed(model, params, curvature)[1]
                 optimizer.add_mean_gradient([g.view_as(p) for g, p in zip(flat.split(sizes), params, strict=True)])
             else:
                 optimizer.add_mean_gradient(torch.autograd.grad(prior(model), params))
         optimizer.step()
 
+    if refreshed is not None:  # one round = refresh_every steps: one refresh, the rest on the quadratic model
+
+        def cycle() -> None:
+            for _ in range(refreshed.refresh_every):
+                step()
+
+        return cycle
     return naive_step if name == "naive" else step
 
 

@@ -11,7 +11,8 @@ call of the selector that ``ivon-replay`` runs at the end of the experience: rea
 experience's 10,000 examples, score each under the IVON posterior (``last_layer``
 variance), keep the top 200 (class-balanced); and the same scoring only a seeded random
 pool of 10 candidates per memory slot (``candidates = 10``: 2,000 examples); and the
-coverage-keeping rules (``stratified``, ``proportional``, ``trimmed``, ``pruned``) on all 10,000 scores.
+coverage-keeping rules (``stratified``, ``proportional``, ``trimmed``, ``pruned``) on all 10,000 scores;
+and ``herding`` (``ivon-replay``'s default since issue 13: iCaRL herding on the last layer's inputs).
 ``test_selection`` also times the training itself (min of 3) and reports
 ``selection / training`` in ``extra_info`` and on stdout; the target is <= 5%.
 
@@ -37,7 +38,7 @@ from _torch_threads import torch_threads
 
 from cl_bayes import config as C
 from cl_bayes.avalanche import strategies
-from cl_bayes.avalanche.memory import experience_data, sensitivity_selector
+from cl_bayes.avalanche.memory import experience_data, make_selector, sensitivity_selector
 from cl_bayes.data import DataError
 
 MEMORY = 200
@@ -54,6 +55,7 @@ VARIANTS = {
     "proportional-all": ("last_layer", None, "proportional"),
     "trimmed-all": ("last_layer", None, "trimmed"),
     "pruned-all": ("last_layer", None, "pruned"),
+    "herding-all": ("last_layer", None, "herding"),  # ivon-replay's default: iCaRL herding, no sensitivity
 }
 
 
@@ -114,7 +116,8 @@ def test_selection(benchmark, setting, threads, variant):
         start = time.perf_counter()
         train_once(strategy, experience)
         training.append(time.perf_counter() - start)
-    select = sensitivity_selector(estimator=estimator, candidates=candidates, rule=rule)
+    select = (make_selector(rule, seed=0) if rule == "herding"
+              else sensitivity_selector(estimator=estimator, candidates=candidates, rule=rule))
     chosen = benchmark.pedantic(select, args=(strategy, experience, MEMORY), rounds=10, warmup_rounds=2)
     assert chosen.shape == (MEMORY,)
     start = time.perf_counter()

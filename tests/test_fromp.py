@@ -387,3 +387,89 @@ def test_saga_table_starts_at_zero_for_new_blocks_and_after_reanchoring():
     prior.reanchor(model, _posterior(model))
     value, grad = saga(model, params)
     assert value.abs() < 1e-12 and grad.abs().max() < 1e-10
+
+
+# ----------------------------------------------------------------------------- refreshed term
+
+
+def _exact_value_and_grad(prior, model, params):
+    value = prior(model)
+    return value.detach(), torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, params)])
+
+
+def test_refreshed_gradient_is_exact_at_refreshes_and_the_quadratic_model_between():
+    from cl_bayes.fromp import RefreshedGradient
+
+    prior, model = _blocked_prior(None)
+    params = list(model.parameters())
+    curvature = prior.curvature(model)
+    lazy = RefreshedGradient(prior, refresh_every=3)
+    value_r, grad_r = _exact_value_and_grad(prior, model, params)
+    w_r = torch.cat([p.detach().reshape(-1) for p in params])
+    value, grad = lazy(model, params, curvature)  # step 1: a refresh
+    torch.testing.assert_close(grad, grad_r)
+    torch.testing.assert_close(value, value_r)
+    for step in (2, 3):  # steps 2 and 3: the model around w_r
+        _perturb(model, scale=0.01, seed=10 + step)
+        d = torch.cat([p.detach().reshape(-1) for p in params]) - w_r
+        value, grad = lazy(model, params, curvature)
+        torch.testing.assert_close(grad, grad_r + curvature * d, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(value, value_r + grad_r @ d + 0.5 * d @ (curvature * d), rtol=1e-12, atol=1e-14)
+    value, grad = lazy(model, params, curvature)  # step 4: refresh again, exact at the new weights
+    exact_value, exact_grad = _exact_value_and_grad(prior, model, params)
+    torch.testing.assert_close(grad, exact_grad)
+    torch.testing.assert_close(value, exact_value)
+    every_step = RefreshedGradient(prior, refresh_every=1)
+    _perturb(model, scale=0.05, seed=30)
+    torch.testing.assert_close(every_step(model, params, curvature)[1], _exact_value_and_grad(prior, model, params)[1])
+
+
+def test_refreshed_gradient_is_second_order_accurate_along_one_weight_at_the_anchor():
+    """At the anchor the term's Hessian diagonal is the curvature, so along one weight the model's error is O(d^2)."""
+    from cl_bayes.fromp import RefreshedGradient
+
+    model, posterior, prior = _two_task_prior("block")
+    params = list(model.parameters())
+    curvature = prior.curvature(model)
+    i = int(curvature.argmax())
+    errors = []
+    for d in (1e-2, 5e-3):
+        with torch.no_grad():
+            torch.nn.utils.vector_to_parameters(posterior.mean, params)
+        lazy = RefreshedGradient(prior, refresh_every=10)
+        lazy(model, params, curvature)  # refresh at the anchor
+        shifted = posterior.mean.clone()
+        shifted[i] += d
+        with torch.no_grad():
+            torch.nn.utils.vector_to_parameters(shifted, params)
+        approx = lazy(model, params, curvature)[1][i]
+        exact = _exact_value_and_grad(prior, model, params)[1][i]
+        assert abs(approx - curvature[i] * d) < 1e-14  # the gradient at the anchor is zero
+        errors.append(abs(float(approx - exact)))
+    assert errors[1] < 0.3 * errors[0]  # halving d at least ~quarters the error (2nd order)
+
+
+def test_refreshed_gradient_refreshes_on_a_new_task_or_reanchoring_and_validates():
+    from cl_bayes.fromp import RefreshedGradient
+
+    model = _mlp()
+    prior = FunctionalPrior(tau=2.0, kernel="block", eps=1e-4)
+    params = list(model.parameters())
+    lazy = RefreshedGradient(prior, refresh_every=100)
+    value, grad = lazy(model, params, None)
+    assert value == 0 and not grad.any()  # no task yet
+    g = torch.Generator().manual_seed(3)
+    prior.add_task(model, _posterior(model), torch.randn(6, D_IN, generator=g), class_mask=_task_masks(6, (0, 1)))
+    _perturb(model)
+    torch.testing.assert_close(lazy(model, params, None)[1], _exact_value_and_grad(prior, model, params)[1])
+    _perturb(model, seed=4)
+    stale = lazy(model, params, None)[1]  # no curvature: the last refresh's gradient
+    assert not torch.allclose(stale, _exact_value_and_grad(prior, model, params)[1])
+    prior.reanchor(model, _posterior(model))
+    value, grad = lazy(model, params, None)  # re-anchored here: exact again, zero at the new anchor
+    assert value.abs() < 1e-12 and grad.abs().max() < 1e-10
+    with pytest.raises(ValueError, match="refresh_every"):
+        RefreshedGradient(prior, refresh_every=0)
+    with pytest.raises(ValueError, match="curvature must have"):
+        _perturb(model, seed=6)
+        lazy(model, params, torch.zeros(3))

@@ -55,6 +55,10 @@ the mean (``before_update``) the gradient is SAGA's unbiased, variance-reduced e
 by B / n. None (the default): every memorable point at every step. Opt-in only: both
 estimators collapsed split MNIST where the exact term did not (docs/BISECTION.md, step 4).
 
+Refreshed term (``refresh_every``, IVON at the mean only): the exact term and gradient
+every ``refresh_every`` steps, and in between its quadratic model with the term's diagonal
+curvature (``cl_bayes.fromp.RefreshedGradient``); a new task forces a refresh.
+
 Scaling of tau (FROMP's convention). The strategy's loss is the *mean* cross-entropy
 over the mini-batch, and the plugin adds ``tau / 2 * sum_s r_s^T K_s^{-1} r_s`` to it;
 its gradient is ``tau * sum_s J_s^T K_s^{-1} r_s``. That is the relative weight of
@@ -112,7 +116,7 @@ from torch import Tensor
 
 from cl_bayes.avalanche.memory import SELECTIONS, ExperienceData, Selector, experience_data, make_selector
 from cl_bayes.avalanche.models import class_mask, unwrap
-from cl_bayes.fromp import FunctionalPrior, KernelForm, SagaGradient
+from cl_bayes.fromp import FunctionalPrior, KernelForm, RefreshedGradient, SagaGradient
 from cl_bayes.laplace import DiagonalLaplace
 
 ESTIMATORS = ("last_layer", "exact", "samples")
@@ -192,8 +196,13 @@ class FunctionalRegularisationPlugin(SupervisedPlugin):
         term_curvature: bool = True,
         block_size: int | None = None,
         blocks_per_step: int | None = None,
+        refresh_every: int | None = None,
     ):
         super().__init__()
+        if refresh_every is not None and blocks_per_step is not None:
+            raise ValueError("refresh_every and blocks_per_step are two ways to cheapen the term: choose one")
+        if refresh_every is not None and term_at != "mean":
+            raise ValueError("refresh_every needs term_at='mean' (the term of the mean, IVON's before_update)")
         if anchor not in ANCHORS:
             raise ValueError(f"anchor must be one of {ANCHORS}, got {anchor!r}")
         if term_at not in TERM_AT:
@@ -209,6 +218,7 @@ class FunctionalRegularisationPlugin(SupervisedPlugin):
             None if blocks_per_step is None
             else SagaGradient(self.prior, blocks_per_step=blocks_per_step, generator=self._generator)
         )
+        self._refreshed = None if refresh_every is None else RefreshedGradient(self.prior, refresh_every=refresh_every)
         self.memory_size = memory_size
         self.selector = selector
         self.laplace = laplace
@@ -250,8 +260,12 @@ class FunctionalRegularisationPlugin(SupervisedPlugin):
             return
         params = strategy.optimizer.params
         with _eval_mode(unwrap(strategy.model)) as net:
-            if self._saga is not None:
-                penalty, flat = self._saga(net, list(params))
+            if self._saga is not None or self._refreshed is not None:
+                if self._saga is not None:
+                    penalty, flat = self._saga(net, list(params))
+                else:
+                    curvature = strategy.optimizer.mean_curvature if self.term_curvature else None
+                    penalty, flat = self._refreshed(net, list(params), curvature)
                 grads = flat.split([p.numel() for p in params])
                 grads = [g.view_as(p) for g, p in zip(grads, params, strict=True)]
             else:

@@ -75,6 +75,7 @@ class FunctionalParams:
     term_curvature: bool = True  # the term's Hessian at its anchors joins IVON's preconditioner (term_at mean)
     block_size: int | None = None  # split each experience's memory into kernel blocks of this many points (None: one)
     blocks_per_step: int | None = None  # blocks per step, SAGA estimate (None: exact; sampled collapsed: BISECTION 4)
+    refresh_every: int | None = None  # exact term every k steps, its diagonal quadratic model between (None: each)
 
     def __post_init__(self):
         if not isinstance(self.term_curvature, bool):
@@ -88,6 +89,10 @@ class FunctionalParams:
         if self.term_at not in TERM_AT:
             raise ValueError(f"term_at must be one of {', '.join(TERM_AT)}, got {self.term_at!r}")
         _check_term(self)
+        if self.refresh_every is not None and (isinstance(self.refresh_every, bool) or self.refresh_every < 1):
+            raise ValueError(f"refresh_every must be a positive int or null, got {self.refresh_every!r}")
+        if self.refresh_every is not None and self.blocks_per_step is not None:
+            raise ValueError("refresh_every and blocks_per_step are two ways to cheapen the term: set one")
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
         if self.estimator not in ESTIMATORS:
@@ -111,6 +116,7 @@ def functional_plugin(ctx: BuildContext) -> FunctionalRegularisationPlugin:
         tau=p.tau, memory_size=p.memory_size, kernel=p.kernel, eps=p.eps, selection=p.selection,
         estimator=p.estimator, seed=ctx.config.seed, laplace=laplace, anchor=p.anchor, term_at=p.term_at,
         term_curvature=p.term_curvature, block_size=p.block_size, blocks_per_step=p.blocks_per_step,
+        refresh_every=p.refresh_every,
     )
 
 
