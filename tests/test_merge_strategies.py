@@ -162,7 +162,9 @@ def test_adam_merging_restarts_every_experience_and_evaluates_the_merge(make_con
 @pytest.mark.parametrize("strategy", MERGING)
 def test_merging_strategy_runs_and_reports(strategy, make_config, mnist_root):
     # IVON from scratch learns slowly: 4 steps at lr 0.05 leave it near chance, 12 at lr 0.5 do not
-    cfg = make_config(strategy, **({"epochs": 3, "lr": 0.5} if strategy == "ivon-merge" else {}))
+    # task arithmetic at alpha 1: after one experience the model is that experience's trained model
+    overrides = {"ivon-merge": {"epochs": 3, "lr": 0.5}, "task-arithmetic": {"alpha": 1.0}}.get(strategy, {})
+    cfg = make_config(strategy, **overrides)
     result = runner.run(cfg)
     validate(result)
     json.loads(json.dumps(result, allow_nan=False))
