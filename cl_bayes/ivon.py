@@ -165,6 +165,14 @@ def _check_hyperparameters(
             raise ValueError(f"IVON: {name} must be {expected}, got {value!r}{where}")
 
 
+def _uniform_value(values: Tensor) -> float | None:
+    """The common value of a 1-d tensor as a Python float, or None when its entries differ (0.0 if empty)."""
+    if values.numel() == 0:
+        return 0.0
+    low, high = torch.aminmax(values)
+    return float(low) if bool(low == high) else None
+
+
 def _check_ess(ess: float) -> float:
     if isinstance(ess, bool) or not isinstance(ess, (int, float)) or not (math.isfinite(ess) and ess > 0):
         raise ValueError(f"IVON: ess (effective sample size) must be a finite number > 0, got {ess!r}")
@@ -209,6 +217,7 @@ class IVON(torch.optim.Optimizer):
         clip_radius: float = math.inf,
         rescale_lr: bool = True,
         debias: bool = True,
+        antithetic: bool = False,
     ) -> None:
         _check_hyperparameters(
             lr=lr, hess_init=hess_init, beta1=beta1, beta2=beta2, weight_decay=weight_decay, clip_radius=clip_radius
@@ -219,6 +228,7 @@ class IVON(torch.optim.Optimizer):
         self.mc_samples = mc_samples
         self.rescale_lr = bool(rescale_lr)
         self.debias = bool(debias)
+        self.antithetic = bool(antithetic)
         self._flat: Tensor | None = None  # set last: add_param_group is closed from then on
         defaults = dict(
             lr=lr, hess_init=hess_init, beta1=beta1, beta2=beta2, weight_decay=weight_decay, clip_radius=clip_radius
@@ -269,14 +279,21 @@ class IVON(torch.optim.Optimizer):
         self._prior_mean = torch.zeros_like(flat)
         self._prior_precision = self._per_group("weight_decay").mul_(self._ess)
         self._step_count = 0
-        # per-step scratch: the current sample's z (eps = sigma * z), the mean it replaced, the sample sums
+        # Per-step scratch (see "The fused step" in the module docstring). Two noise buffers: z is
+        # drawn into ``_noise``; the first recorded sample turns it into g * z in place (unless
+        # antithetic, which keeps z), and the two swap roles so the next draw cannot clobber it.
         self._noise = torch.empty_like(flat)
-        self._saved_mean = torch.empty_like(flat)
+        self._gz = torch.empty_like(flat)
+        self._sample = torch.empty_like(flat)  # m + sigma * z: the weights point here inside sampled_params
         self._grad_sum = torch.empty_like(flat)
-        self._grad_noise_sum = torch.empty_like(flat)
-        self._work1 = torch.empty_like(flat)
-        self._work2 = torch.empty_like(flat)
-        self._std_buffer = torch.empty_like(flat)
+        self._work = torch.empty_like(flat)  # a later sample's flat gradient
+        self._root = torch.empty_like(flat)  # h + delta after a step, then r = sqrt(h + delta) once sampling
+        self._root_state = "stale"  # "stale": recompute from h; "sum": holds h + delta; "root": holds r
+        self._mean_views = [self._view(flat, i) for i in range(len(params))]
+        self._sample_views = [self._view(self._sample, i) for i in range(len(params))]
+        self._sign = 1.0  # the current sample's noise sign (antithetic: -1 for the second of a pair)
+        self._gz_sign = 1.0  # the first recorded sample's sign: _gz holds it times sum_k sign_k g_k z_k
+        self._negate_next = False  # antithetic: the next draw reuses -z
         self._count = 0
         self._active = [True] * len(params)
         self._mean_grad: Tensor | None = None  # add_mean_gradient's sum since the last step (allocated on use)
@@ -291,13 +308,19 @@ class IVON(torch.optim.Optimizer):
             out[sl] = group[key]
         return out
 
+    def _view(self, buffer: Tensor, i: int) -> Tensor:
+        """Parameter i's part of a flat buffer, shaped like the parameter."""
+        return buffer[self._offsets[i] : self._offsets[i] + self._numels[i]].view(self._params[i].shape)
+
     def _link(self, i: int) -> None:
         """Make parameter i a view into the flat mean (copying its current value there)."""
-        p, sl = self._params[i], slice(self._offsets[i], self._offsets[i] + self._numels[i])
-        view = self._flat[sl].view(p.shape)
+        p = self._params[i]
+        view = self._view(self._flat, i)
         if p.data_ptr() != view.data_ptr():
             view.copy_(p.detach())
             p.data = view
+        if hasattr(self, "_mean_views"):  # a parameter reshaped in place keeps its numel: new views
+            self._mean_views[i], self._sample_views[i] = view, self._view(self._sample, i)
 
     def _commit(
         self,
@@ -327,7 +350,11 @@ class IVON(torch.optim.Optimizer):
             if value is not None:
                 buffer.copy_(value)
         self._ess, self._delta = ess, delta
-        self._std: Tensor | None = None  # the noise scale is recomputed at the next sampling
+        # Per group: delta as a Python number where it is uniform (the prior built from weight_decay),
+        # else None; and whether the prior mean is 0 there. Both only save passes in the step.
+        self._delta_scalar = tuple(_uniform_value(delta[sl]) for sl in self._group_slices)
+        self._zero_prior_mean = tuple(not bool(self._prior_mean[sl].any()) for sl in self._group_slices)
+        self._root_state = "stale"  # the noise scale is recomputed at the next sampling
 
     def _check_layout(self) -> None:
         """Fail loudly if the parameters changed; relink those whose storage was replaced."""
@@ -366,26 +393,54 @@ class IVON(torch.optim.Optimizer):
         With ``train=True`` the gradients present when the body ends (call ``backward``
         inside) are recorded, with eps, for the next ``step()``. A body that raises records
         nothing. Parameters whose ``.grad`` is None are skipped by that step.
+
+        The sample lives in a buffer of its own: inside the body each parameter's ``.data``
+        is a view of it, and on exit it is the view of the mean again (nothing is copied, so
+        the mean is restored exactly). Keep no reference to a parameter's ``.data`` across
+        the body.
         """
         if self._sampling:
             raise RuntimeError("IVON: sampled_params is not re-entrant")
         self._check_layout()
-        if self._std is None:
-            self._std = posterior_std(self._hess, self._delta, self._ess, out=self._std_buffer)
         with torch.no_grad():
-            for sl in self._group_slices:  # one draw per group, in order (ivon-opt's RNG order)
-                self._noise[sl].normal_()
-            self._saved_mean.copy_(self._flat)
-            self._flat.addcmul_(self._noise, self._std)
+            root = self._noise_scale()
+            sign = self._draw_noise()
+            # sigma = 1 / sqrt(ess (h + delta)) = 1 / (sqrt(ess) r): the sample is m + z / r / sqrt(ess)
+            torch.addcdiv(self._flat, self._noise, root, value=sign / math.sqrt(self._ess), out=self._sample)
+        self._sign = sign
         self._sampling = True
         try:
+            for p, view in zip(self._params, self._sample_views, strict=True):
+                p.data = view
             yield
             if train:
                 self._record_sample()
         finally:
-            with torch.no_grad():
-                self._flat.copy_(self._saved_mean)
+            for p, view in zip(self._params, self._mean_views, strict=True):
+                p.data = view
             self._sampling = False
+
+    def _noise_scale(self) -> Tensor:
+        """r = sqrt(h + delta), from the sum the last step left, or from h after h, ess or prior changed."""
+        if self._root_state == "stale":
+            torch.add(self._hess, self._delta, out=self._root)
+        if self._root_state != "root":
+            self._root.sqrt_()
+            self._root_state = "root"
+        return self._root
+
+    def _draw_noise(self) -> float:
+        """z ~ N(0, I) into ``_noise``, one ``normal_`` per group in order (ivon-opt's RNG order); its sign.
+
+        Antithetic: every second draw reuses the previous z with the sign -1 and draws nothing.
+        """
+        if self._negate_next and self.antithetic:
+            self._negate_next = False
+            return -1.0
+        for sl in self._group_slices:
+            self._noise[sl].normal_()
+        self._negate_next = self.antithetic
+        return 1.0
 
     @torch.no_grad()
     def _record_sample(self) -> None:
@@ -402,11 +457,16 @@ class IVON(torch.optim.Optimizer):
         ]
         if first:
             torch.cat(flat_grads, out=self._grad_sum)
-            torch.mul(self._grad_sum, self._noise, out=self._grad_noise_sum)
+            self._gz_sign = self._sign
+            if self.antithetic:  # z is needed again by the next draw
+                torch.mul(self._grad_sum, self._noise, out=self._gz)
+            else:  # g * z in place; the next draw goes to the other buffer
+                self._noise.mul_(self._grad_sum)
+                self._noise, self._gz = self._gz, self._noise
         else:
-            torch.cat(flat_grads, out=self._work1)
-            self._grad_sum.add_(self._work1)
-            self._grad_noise_sum.addcmul_(self._work1, self._noise)
+            torch.cat(flat_grads, out=self._work)
+            self._grad_sum.add_(self._work)
+            self._gz.addcmul_(self._work, self._noise, value=self._sign * self._gz_sign)
         self._count += 1
 
     @torch.no_grad()
@@ -461,39 +521,65 @@ class IVON(torch.optim.Optimizer):
         return loss
 
     def _update(self) -> None:
+        """The fused step: the equations of the module docstring, in few passes over the flat buffers.
+
+        With r = sqrt(h + delta) (this step's noise scale), e = h - hhat, c2 = 0.5 (1 - beta2)^2:
+        hhat = sqrt(ess) r * mean(sign g z); h' = h - (1 - beta2) e + c2 (e / r)^2 (as 1 / r^2 =
+        1 / (h + delta)); then h' + delta is kept in r's buffer, for the mean's update and, after
+        one sqrt, the next step's noise.
+        """
         self._step_count += 1
         self._hess_steps += 1
-        ghat, grad_noise = self._grad_sum, self._grad_noise_sum
-        if self._count > 1:
-            ghat.div_(self._count)
-            grad_noise.div_(self._count)
+        count, root = self._count, self._root
+        ghat, gz = self._grad_sum, self._gz
+        if count > 1:
+            ghat.div_(count)
         if self._has_mean_grad:  # a term of the mean: momentum only, no curvature
             ghat.add_(self._mean_grad)
             self._mean_grad.zero_()
             self._has_mean_grad = False
         kept = [(i, self._snapshot(i)) for i, active in enumerate(self._active) if not active]
-        hhat = hessian_estimate(grad_noise, self._std, out=grad_noise)
-        for group, sl in zip(self.param_groups, self._group_slices, strict=True):
+        hhat_scale = self._gz_sign * math.sqrt(self._ess) / count
+        for gi, (group, sl) in enumerate(zip(self.param_groups, self._group_slices, strict=True)):
             if sl.start == sl.stop:
                 continue
-            beta1 = group["beta1"]
-            momentum, hess, mean, delta = self._momentum[sl], self._hess[sl], self._flat[sl], self._delta[sl]
-            work = (self._work1[sl], self._work2[sl])
-            momentum_update(momentum, ghat[sl], beta1, out=momentum)
-            hessian_update(hess, hhat[sl], delta, group["beta2"], out=hess, work=work)
+            beta1, beta2 = group["beta1"], group["beta2"]
+            hess, mean, momentum = self._hess[sl], self._flat[sl], self._momentum[sl]
+            r, g, e = root[sl], ghat[sl], gz[sl]
+            delta = self._delta[sl] if self._delta_scalar[gi] is None else self._delta_scalar[gi]
+            torch.addcmul(hess, e, r, value=-hhat_scale, out=e)  # e = h - hhat
+            momentum.lerp_(g, 1.0 - beta1)
+            if beta2 < 1.0:
+                hess.add_(e, alpha=-(1.0 - beta2))
+                hess.addcmul_(e.div_(r), e, value=0.5 * (1.0 - beta2) ** 2)
+            h_plus_delta = torch.add(hess, delta, out=r)
             lr = group["lr"] * (group["hess_init"] + group["weight_decay"]) if self.rescale_lr else group["lr"]
             debias = 1.0 - beta1**self._step_count if self.debias else 1.0
+            # numerator g + debias delta (m - m0), in e's buffer
+            if self._zero_prior_mean[gi]:
+                offset = mean
+            else:
+                offset = torch.sub(mean, self._prior_mean[sl], out=e)
+            if isinstance(delta, float):
+                numerator = torch.add(momentum, offset, alpha=debias * delta, out=e)
+            else:
+                numerator = torch.addcmul(momentum, delta, offset, value=debias, out=e)
+            denominator = h_plus_delta
+            if self._mean_curvature is not None:
+                denominator = torch.add(h_plus_delta, self._mean_curvature[sl], out=g)
             clip_radius = group["clip_radius"]
-            curvature = None if self._mean_curvature is None else self._mean_curvature[sl]
-            mean_update(
-                mean, momentum, hess, delta, self._prior_mean[sl], lr, debias, clip_radius,
-                curvature=curvature, out=mean, work=work,
-            )
+            if math.isfinite(clip_radius):
+                direction = numerator.div_(denominator).clamp_(-debias * clip_radius, debias * clip_radius)
+                mean.sub_(direction, alpha=lr / debias)
+            else:
+                mean.addcdiv_(numerator, denominator, value=-lr / debias)
+        self._root_state = "sum"
         for i, values in kept:
             for buffer, value in zip((self._flat, self._hess, self._momentum), values, strict=True):
                 buffer[self._slice(i)] = value
+        if kept:
+            self._root_state = "stale"
         self._count = 0
-        self._std = None
 
     def _slice(self, i: int) -> slice:
         return slice(self._offsets[i], self._offsets[i] + self._numels[i])
@@ -521,7 +607,7 @@ class IVON(torch.optim.Optimizer):
     @property
     def mean(self) -> Tensor:
         """Posterior mean m (a flat copy; the mean, not the sample, inside sampled_params)."""
-        return (self._saved_mean if self._sampling else self._flat).detach().clone()
+        return self._flat.detach().clone()
 
     @property
     def hess(self) -> Tensor:
@@ -647,6 +733,7 @@ class IVON(torch.optim.Optimizer):
             "mc_samples": self.mc_samples,
             "rescale_lr": self.rescale_lr,
             "debias": self.debias,
+            "antithetic": self.antithetic,
             "mean_curvature": None if self._mean_curvature is None else self._mean_curvature.clone(),
         }
         return state
@@ -669,4 +756,6 @@ class IVON(torch.optim.Optimizer):
             self._hess_steps = int(ivon["hess_steps"])
         self.mc_samples = int(ivon["mc_samples"])
         self.rescale_lr, self.debias = bool(ivon["rescale_lr"]), bool(ivon["debias"])
+        self.antithetic = bool(ivon.get("antithetic", False))
+        self._negate_next = False  # a loaded optimizer starts a fresh pair
         self.mean_curvature = ivon.get("mean_curvature")

@@ -516,3 +516,181 @@ def test_data_hess_is_h_when_beta2_freezes_it_and_never_negative():
     assert torch.equal(opt.data_hess, opt.hess)
     opt = _quadratic_run(1, beta2=0.9, mc_samples=16, curvature=torch.tensor([-1.0, 1.0]))
     assert opt.data_hess[0] == 0 and opt.data_hess[1] > 0  # a concave direction's estimate is clamped
+
+
+# ----------------------------------------------------------------------------- the fused step
+
+
+def _reference_run(model, groups_of, kwargs, *, steps, mc_samples, prior, curvature, mean_grad, unused):
+    """The step written with the pure equation functions (one line of Algorithm 1 each), on flat float64 tensors.
+
+    Same noise as the optimizer (one normal_ per group, in order, after a fixed seed per step), the
+    gradient at each sample from a copy of the model, per-group hyper-parameters, a prior with a mean and
+    per-weight precision, a mean-gradient term, a mean curvature and a parameter without gradient.
+    """
+    ref = copy.deepcopy(model)
+    params = [p for g in groups_of(ref) for p in g]  # the optimizer's flat order
+    m = flat(params).clone()
+    n = m.numel()
+    sizes = [sum(p.numel() for p in g) for g in groups_of(ref)]
+    bounds = torch.tensor([0, *sizes]).cumsum(0).tolist()
+    slices = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    settings_ = [dict(kwargs, **{k: v for k, v in g.items() if k != "params"}) for g in two_groups(ref)]
+    prior_mean, prior_precision = prior
+    ess = kwargs["ess"]
+    delta = prior_precision / ess
+    h = torch.cat([torch.full((s,), float(c["hess_init"]), dtype=m.dtype)
+                   for s, c in zip(sizes, settings_, strict=True)])
+    mom = torch.zeros(n, dtype=m.dtype)
+    unused_slice = slice(n - unused, n)
+    for t in range(steps):
+        torch.manual_seed(100 + t)
+        sigma = posterior_std(h, delta, ess)
+        ghat, gz = torch.zeros(n, dtype=m.dtype), torch.zeros(n, dtype=m.dtype)
+        for _ in range(mc_samples):
+            z = torch.cat([torch.empty(s, dtype=m.dtype).normal_() for s in sizes])
+            torch.nn.utils.vector_to_parameters(m + sigma * z, params)
+            ref.zero_grad()
+            loss_fn(ref).backward()
+            g = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+            ghat += g
+            gz += g * z
+        ghat, gz = ghat / mc_samples, gz / mc_samples
+        ghat = ghat + mean_grad
+        hhat = hessian_estimate(gz, sigma)
+        old = m[unused_slice].clone(), h[unused_slice].clone(), mom[unused_slice].clone()
+        for sl, c in zip(slices, settings_, strict=True):
+            mom[sl] = momentum_update(mom[sl], ghat[sl], c["beta1"])
+            h_new = hessian_update(h[sl], hhat[sl], delta[sl], c["beta2"])
+            lr = c["lr"] * (c["hess_init"] + c["weight_decay"])
+            debias = 1 - c["beta1"] ** (t + 1)
+            m[sl] = mean_update(
+                m[sl], mom[sl], h_new, delta[sl], prior_mean[sl], lr, debias, c.get("clip_radius", math.inf),
+                curvature=curvature[sl],
+            )
+            h[sl] = h_new
+        m[unused_slice], h[unused_slice], mom[unused_slice] = old
+    return m, h, mom
+
+
+@pytest.mark.parametrize("mc_samples", [1, 3])
+@pytest.mark.parametrize("clip", [math.inf, 2e-3], ids=["unclipped", "clipped"])
+def test_fused_step_equals_the_equations(mc_samples, clip):
+    """The optimizer's fused in-place step is the composition of the pure equation functions (float64).
+
+    Covers the paths the ivon-opt oracle cannot: a prior with a mean and per-weight precision, a term
+    of the mean (gradient and curvature), a parameter without gradient, three samples per step.
+    """
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).double()
+    model.register_parameter("unused", torch.nn.Parameter(torch.randn(4, dtype=torch.float64)))
+    groups_of = lambda net: [list(net[0].parameters()), list(net[2].parameters()) + [net.unused]]  # noqa: E731
+
+    def groups(net):
+        first, second = groups_of(net)
+        return [{"params": first}, {"params": second, "lr": 0.05, "weight_decay": 3e-2, "hess_init": 0.3}]
+
+    kwargs = dict(lr=0.1, ess=50.0, weight_decay=1e-2, hess_init=0.5, beta1=0.8, beta2=0.9, clip_radius=clip)
+    n = sum(p.numel() for p in model.parameters())
+    gen = torch.Generator().manual_seed(5)
+    prior = (torch.randn(n, generator=gen, dtype=torch.float64) * 0.1,
+             torch.rand(n, generator=gen, dtype=torch.float64))
+    curvature = torch.rand(n, generator=gen, dtype=torch.float64)
+    mean_grad = torch.randn(n, generator=gen, dtype=torch.float64) * 0.1
+    mean_grad[n - 4 :] = 0.0
+
+    global X  # the loss of this module, in float64
+    x_before = X
+    X = X.double()
+    try:
+        expected = _reference_run(
+            model, groups_of, kwargs, steps=4, mc_samples=mc_samples, prior=prior, curvature=curvature,
+            mean_grad=mean_grad, unused=4,
+        )
+        opt = IVON(groups(model), mc_samples=mc_samples, **kwargs)
+        initial = opt.mean
+        opt.set_prior(mean=prior[0], precision=prior[1])
+        opt.mean_curvature = curvature
+        for t in range(4):
+            torch.manual_seed(100 + t)
+            for _ in range(mc_samples):
+                with opt.sampled_params(train=True):
+                    opt.zero_grad(set_to_none=True)
+                    loss_fn(model).backward()
+            pieces = mean_grad.split([p.numel() for p in opt.params])
+            opt.add_mean_gradient([g.view_as(p) for g, p in zip(pieces, opt.params, strict=True)])
+            opt.step()
+    finally:
+        X = x_before
+    for name, ours, theirs in zip(("mean", "hess", "momentum"), (opt.mean, opt.hess, opt._momentum), expected,
+                                  strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12, msg=name)
+    assert not torch.allclose(opt.mean[:-4], initial[:-4])
+    assert torch.equal(opt.mean[-4:], initial[-4:])
+
+
+class _PairedByHand(IVON):
+    """The default optimizer fed z1, -z1, z2, -z2, ... by hand: what antithetic=True claims to be."""
+
+    draws = 0
+
+    def _draw_noise(self) -> float:
+        self.draws += 1
+        if self.draws % 2:
+            super()._draw_noise()
+            self.previous = self._noise.clone()
+        else:
+            torch.neg(self.previous, out=self._noise)
+        return 1.0
+
+
+@pytest.mark.parametrize("mc_samples", [1, 2])
+def test_antithetic_noise_is_the_only_difference(mc_samples):
+    """antithetic=True equals the default step fed the noise pairs (z, -z) by hand, bit for bit; it draws
+    half the random numbers, and the default (which the ivon-opt oracle test covers) differs."""
+    models = [make_model() for _ in range(3)]
+    kwargs = dict(lr=0.1, ess=50.0, mc_samples=mc_samples, weight_decay=1e-2, hess_init=0.5, beta2=0.99)
+    anti = IVON(two_groups(models[0]), antithetic=True, **kwargs)
+    by_hand = _PairedByHand(two_groups(models[1]), **kwargs)
+    plain = IVON(two_groups(models[2]), **kwargs)
+    rng_after = []
+    for opt, model in zip((anti, by_hand, plain), models, strict=True):
+        torch.manual_seed(7)
+        for _ in range(4):
+            for _ in range(mc_samples):
+                with opt.sampled_params(train=True):
+                    opt.zero_grad()
+                    loss_fn(model).backward()
+            opt.step()
+        rng_after.append(torch.randn(1))
+    assert torch.equal(flat(models[0].parameters()), flat(models[1].parameters()))
+    assert torch.equal(anti.hess, by_hand.hess) and torch.equal(anti._momentum, by_hand._momentum)
+    assert not torch.allclose(flat(models[0].parameters()), flat(models[2].parameters()))
+    assert torch.equal(rng_after[0], rng_after[1]) and not torch.equal(rng_after[0], rng_after[2])  # half the draws
+
+    # the pair shares |eps|: a second sample at the same posterior is the mirror image of the first
+    mean = anti.mean
+    eps = []
+    for _ in range(3):
+        with torch.no_grad(), anti.sampled_params():
+            eps.append(flat(models[0].parameters()) - mean)
+    torch.testing.assert_close(eps[1], -eps[0])  # (m + a) - m and (m - a) - m: equal up to rounding
+    assert not torch.allclose(eps[2].abs(), eps[0].abs())
+    assert torch.equal(flat(models[0].parameters()), mean)
+    state = anti.state_dict()
+    assert state["ivon"]["antithetic"] is True
+    plain.load_state_dict(state)
+    assert plain.antithetic
+
+
+def test_sample_is_a_separate_buffer_and_the_mean_is_untouched_inside():
+    """Inside sampled_params the weights are views of the sample buffer; the mean buffer itself is never written."""
+    model = make_model()
+    opt = IVON(model.parameters(), lr=0.1, ess=50.0)
+    mean_buffer = opt._flat.clone()
+    with opt.sampled_params(train=True):
+        assert all(p.data_ptr() != q.data_ptr() for p, q in zip(model.parameters(), opt._mean_views, strict=True))
+        assert torch.equal(opt._flat, mean_buffer)
+        loss_fn(model).backward()
+    assert all(p.data_ptr() == q.data_ptr() for p, q in zip(model.parameters(), opt._mean_views, strict=True))
+    assert torch.equal(opt._flat, mean_buffer)
