@@ -17,7 +17,7 @@ from _torch_threads import one_thread  # noqa: F401 (a fixture)
 
 from cl_bayes.ivon import IVON
 
-OPTIMIZERS = ("adam", "ivon", "ivon-opt")
+OPTIMIZERS = ("adam", "ivon", "ivon-antithetic", "ivon-opt")
 
 
 def mlp() -> torch.nn.Module:
@@ -64,8 +64,8 @@ def make_step(name: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
             opt.step()
 
         return step
-    if name == "ivon":
-        opt = IVON(model.parameters(), lr=0.1, ess=50_000.0)
+    if name in ("ivon", "ivon-antithetic"):  # antithetic: opt-in z, -z pairs, half the Gaussian draws
+        opt = IVON(model.parameters(), lr=0.1, ess=50_000.0, antithetic=name == "ivon-antithetic")
     else:
         ivon = pytest.importorskip("ivon")
         opt = ivon.IVON(model.parameters(), lr=0.1, ess=50_000.0)
