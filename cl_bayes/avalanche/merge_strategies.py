@@ -24,6 +24,13 @@ The strategies (the maths is ``cl_bayes.merge``):
   IVON (mean into the weights, h = (lambda - prior precision) / ess), so the Bayesian model
   average at test time samples it. ``prior_at_init``: centre IVON's prior at the shared
   initial weights instead of 0, so a weight an experience never moves adds nothing.
+  ``workers`` > 0: the experiences train in parallel, one Ray task each (``train_in_parallel``;
+  a local Ray with ``workers`` CPUs, or the Ray this process already runs in, e.g. under
+  ``cl-bayes suite --executor ray``). Each task builds the run exactly as the runner does
+  (same seed, so the same initial weights and prior) and trains its one experience; the
+  driver's strategy then trains nothing (``train_epochs = 0``) and merges the returned
+  posteriors after each experience as above. The first experience's posterior is the
+  sequential one exactly; later ones differ only by the random stream they were drawn from.
 * ``weight-average``, ``task-arithmetic``, ``fisher-merge``: Adam-trained models theta_t from
   the shared start theta_0, merged by the plain average, by theta_0 + alpha * sum_t (theta_t -
   theta_0), or by the Fisher-weighted average (Matena & Raffel, 2022) with F_t the diagonal
@@ -35,6 +42,10 @@ The strategies (the maths is ``cl_bayes.merge``):
 from __future__ import annotations
 
 import copy
+import dataclasses
+import logging
+import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -83,9 +94,12 @@ def flat_of(params) -> Tensor:
 class IVONMergeParams(IVONParams):
     merge_precision: str = "data_hess"  # lambda_t merged: data_hess (ess * debiased Hessian + prior) or hess (IVON's)
     prior_at_init: bool = False  # centre IVON's prior at the shared initial weights (else at 0)
+    workers: int = 0  # > 0: train the experiences as parallel Ray tasks on this many CPUs, merge in the driver
 
     def __post_init__(self):
         check_merge_precision(self.merge_precision)
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
 
 
 class PosteriorMergingPlugin(SupervisedPlugin):
@@ -95,16 +109,23 @@ class PosteriorMergingPlugin(SupervisedPlugin):
     ``merged`` the last merge (mean, precision). See the module docstring.
     """
 
-    def __init__(self, *, merge_precision: str = "data_hess", prior_at_init: bool = False):
+    def __init__(self, *, merge_precision: str = "data_hess", prior_at_init: bool = False, trained=None):
         super().__init__()
         self.merge_precision = check_merge_precision(merge_precision)
         self.prior_at_init = prior_at_init
+        self.trained = trained  # None, or a callable returning every experience's (mean, precision): parallel mode
+        self.precomputed: list[tuple[Tensor, Tensor]] | None = None
         self.initial: tuple[Tensor, dict] | None = None  # (weights, IVON state dict) at the start
         self.posteriors: list[tuple[Tensor, Tensor]] = []
         self.merged: tuple[Tensor, Tensor] | None = None
+        self.seconds: dict[str, float] = {}  # parallel mode: wall time of the parallel training (runner's time parts)
 
     def before_training_exp(self, strategy, **kwargs):
         opt = strategy.optimizer
+        if self.trained is not None and self.precomputed is None:
+            start = time.perf_counter()
+            self.precomputed = self.trained()
+            self.seconds["parallel_training"] = time.perf_counter() - start
         if self.initial is None:
             if self.prior_at_init:
                 opt.set_prior(mean=opt.mean)
@@ -129,7 +150,11 @@ class PosteriorMergingPlugin(SupervisedPlugin):
 
     def after_training_exp(self, strategy, **kwargs):
         opt = strategy.optimizer
-        self.posteriors.append(self.experience_posterior(strategy))
+        if self.precomputed is not None:
+            mean, precision = self.precomputed[len(self.posteriors)]
+            self.posteriors.append((mean.to(opt.mean), precision.to(opt.mean)))
+        else:
+            self.posteriors.append(self.experience_posterior(strategy))
         prior_precision = opt.prior_precision
         mean, precision = merge_gaussians(
             means=[m for m, _ in self.posteriors], precisions=[s for _, s in self.posteriors],
@@ -140,10 +165,72 @@ class PosteriorMergingPlugin(SupervisedPlugin):
         opt.hess = (precision - prior_precision).div_(opt.ess)  # so ess * (h + delta) = the merged precision
 
 
+def train_one_experience(config: dict, t: int, data_root: str | None) -> dict:
+    """A worker: build the run as the runner does (same seed: same start), train experience ``t`` alone.
+
+    Returns {"t", "mean", "precision", "seconds"}: the experience's posterior as ``PosteriorMergingPlugin``
+    records it. Module level, so Ray workers import it by name.
+    """
+    from cl_bayes.avalanche import runner  # here: runner imports the registry, which imports this module
+    from cl_bayes.avalanche.benchmarks import build_benchmark
+    from cl_bayes.config import RunConfig
+
+    torch.set_num_threads(1)
+    cfg = RunConfig(**{**config, "params": {**config["params"], "workers": 0}})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module="avalanche")
+        warnings.filterwarnings("ignore", message="No loggers specified")
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        runner.seed_everything(cfg.seed)
+        bundle = build_benchmark(cfg, data_root=data_root)
+        stream = list(bundle.benchmark.train_stream)
+        if cfg.experiences is not None:  # as the runner slices it: the same first_experience_size, the same prior
+            k = cfg.experiences
+            bundle = dataclasses.replace(bundle, train=bundle.train[:k], eval=bundle.eval[:k])
+        strategy, _ = runner.build_strategy(cfg, bundle, data_root=data_root)
+        start = time.perf_counter()
+        strategy.train(stream[t])
+    plugin = next(p for p in strategy.plugins if isinstance(p, PosteriorMergingPlugin))
+    mean, precision = plugin.posteriors[0]
+    return {"t": t, "mean": mean, "precision": precision, "seconds": time.perf_counter() - start}
+
+
+def train_in_parallel(config: dict, n_experiences: int, *, workers: int, data_root: str | None) -> list[dict]:
+    """``train_one_experience`` for t = 0..n-1 as Ray tasks (one CPU each); the outcomes in experience order.
+
+    Uses the Ray this process runs in if there is one, else starts a local Ray with ``workers`` CPUs
+    and shuts it down at the end.
+    """
+    from cl_bayes.ray_executor import _import_ray
+
+    ray = _import_ray()
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=workers, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        task = ray.remote(num_cpus=1, max_retries=1)(train_one_experience)
+        return ray.get([task.remote(config, t, data_root) for t in range(n_experiences)])
+    finally:
+        if started:
+            ray.shutdown()
+
+
 @register("ivon-merge", IVONMergeParams, "IVON per experience from one prior, posteriors merged by natural parameters")
 def _ivon_merge(ctx: BuildContext):
     p = ctx.params
-    return ivon_strategy(ctx, PosteriorMergingPlugin(merge_precision=p.merge_precision, prior_at_init=p.prior_at_init))
+    trained = None
+    if p.workers > 0:
+        config, n = ctx.config.to_dict(), ctx.n_experiences
+
+        def trained():
+            outcomes = train_in_parallel(config, n, workers=p.workers, data_root=ctx.data_root)
+            return [(o["mean"], o["precision"]) for o in outcomes]
+
+    plugin = PosteriorMergingPlugin(merge_precision=p.merge_precision, prior_at_init=p.prior_at_init, trained=trained)
+    strategy = ivon_strategy(ctx, plugin)
+    if p.workers > 0:
+        strategy.train_epochs = 0  # the driver only merges: each experience was trained by its own task
+    return strategy
 
 
 # --- Adam-trained baselines --------------------------------------------------------

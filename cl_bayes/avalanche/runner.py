@@ -151,8 +151,8 @@ def git_sha() -> str | None:
     return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
-def build_strategy(config: RunConfig, bundle: BenchmarkBundle, plugins=()):
-    """The Avalanche strategy for ``config`` on ``bundle``, model included."""
+def build_strategy(config: RunConfig, bundle: BenchmarkBundle, plugins=(), *, data_root=None):
+    """The Avalanche strategy for ``config`` on ``bundle``, model included; ``data_root``: where ``bundle`` is from."""
     net = build_model(
         config.model, input_shape=bundle.input_shape, num_classes=bundle.num_classes, hidden=config.hidden
     )
@@ -165,6 +165,7 @@ def build_strategy(config: RunConfig, bundle: BenchmarkBundle, plugins=()):
         plugins=[NonFiniteLossGuard(), *plugins],
         n_experiences=bundle.n_experiences,
         first_experience_size=len(bundle.train[0].y),
+        data_root=None if data_root is None else str(data_root),
     )
     return definition.build(ctx), definition
 
@@ -191,7 +192,7 @@ def _run(config: RunConfig, *, data_root, progress, spec_path) -> dict:
         k = config.experiences
         bundle = dataclasses.replace(bundle, train=bundle.train[:k], eval=bundle.eval[:k])
         stream = stream[:k]
-    strategy, definition = build_strategy(config, bundle)
+    strategy, definition = build_strategy(config, bundle, data_root=data_root)
     rows, times = [], []
     with PeakMemory(config.device) as peak:
         if definition.joint:

@@ -47,6 +47,7 @@ class BuildContext:
     plugins: list[SupervisedPlugin]
     n_experiences: int
     first_experience_size: int  # training examples in experience 0 (IVON's initial ess)
+    data_root: str | None = None  # the run's data root (None: $CL_BAYES_DATA or the default), for builders that fork
 
     def template_args(self) -> dict:
         """Keyword arguments shared by every Avalanche template."""
