@@ -227,6 +227,7 @@ class FunctionalRegularisationPlugin(SupervisedPlugin):
         self.term_curvature = bool(term_curvature)
         self.memory_indices: list[Tensor] = []  # per past experience: indices into its training dataset
         self.last_penalty: Tensor | None = None  # the term added at the latest step (detached)
+        self._curvature: Tensor | None = None  # the term's diagonal curvature, set per experience (hook 2)
         self.seconds = {"laplace": 0.0, "kernels": 0.0, "curvature": 0.0}  # wall time of the end-of-experience passes
 
     # -- hook 1: every training step ---------------------------------------------
@@ -264,7 +265,7 @@ class FunctionalRegularisationPlugin(SupervisedPlugin):
                 if self._saga is not None:
                     penalty, flat = self._saga(net, list(params))
                 else:
-                    curvature = strategy.optimizer.mean_curvature if self.term_curvature else None
+                    curvature = self._curvature if self.term_curvature else None
                     penalty, flat = self._refreshed(net, list(params), curvature)
                 grads = flat.split([p.numel() for p in params])
                 grads = [g.view_as(p) for g, p in zip(grads, params, strict=True)]
@@ -300,7 +301,8 @@ class FunctionalRegularisationPlugin(SupervisedPlugin):
             optimizer = strategy.optimizer
             if self.term_curvature and self._term_of_the_mean(strategy) and hasattr(optimizer, "mean_curvature"):
                 start = time.perf_counter()
-                optimizer.mean_curvature = self.prior.curvature(net)
+                self._curvature = self.prior.curvature(net)  # once per experience, not per step
+                optimizer.mean_curvature = self._curvature
                 self.seconds["curvature"] += time.perf_counter() - start
         self.memory_indices.append(chosen)
 
