@@ -274,3 +274,41 @@ def test_example_weight_and_errors():
     mask = torch.tensor([True, False]).expand(x.shape[0], 2)
     with pytest.raises(ValueError, match="masked"):
         memory_perturbation(model, posterior, x=x, y=torch.ones_like(y), class_mask=mask)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_group_contribution_fast_equals_jacobians(masked):
+    """One backward pass + the layer-wise GGN diagonal = the per-example Jacobian sums, at the mean."""
+    from cl_bayes.sensitivity import group_contribution
+
+    g = torch.Generator().manual_seed(3)
+    model = nn.Sequential(nn.Linear(D_IN, 6), nn.Tanh(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4))
+    weights = flat_parameters(model)
+    mean = weights + 0.3 * torch.randn(weights.shape, generator=g)  # the posterior mean is not the weights
+    posterior = DiagonalGaussian(mean, torch.rand(weights.shape, generator=g) + 0.5)
+    x = torch.randn(12, D_IN, generator=g)
+    mask = None
+    y = torch.randint(0, 4, (12,), generator=g)
+    if masked:  # task-incremental: rows allow classes {0, 1} or {2, 3}
+        task = torch.arange(12) % 2
+        mask = torch.stack([task == 0, task == 0, task == 1, task == 1], dim=1)
+        y = 2 * task + torch.randint(0, 2, (12,), generator=g)
+    fast = group_contribution(model, posterior, x=x, y=y, class_mask=mask)
+    slow = group_contribution(model, posterior, x=x, y=y, class_mask=mask, method="jacobian")
+    for a, b in zip(fast, slow, strict=True):
+        torch.testing.assert_close(a, b)
+    assert fast[0].abs().sum() > 0 and (fast[1] >= -1e-12).all()
+    torch.testing.assert_close(flat_parameters(model), weights, rtol=0, atol=0)  # weights restored
+    with pytest.raises(ValueError, match="method"):
+        group_contribution(model, posterior, x=x, y=y, method="kfac")
+
+
+def test_group_contribution_restores_weights_when_it_raises():
+    from cl_bayes.sensitivity import group_contribution
+
+    model = nn.Sequential(nn.Linear(D_IN, 4), nn.Tanh(), nn.Linear(4, 3))
+    weights = flat_parameters(model)
+    posterior = DiagonalGaussian(weights + 1.0, torch.ones_like(weights))
+    with pytest.raises(ValueError):
+        group_contribution(model, posterior, x=torch.randn(5, D_IN), y=torch.tensor([0, 1, 2, 3, 0]))  # label 3
+    torch.testing.assert_close(flat_parameters(model), weights, rtol=0, atol=0)
