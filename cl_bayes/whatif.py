@@ -420,7 +420,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     group = w.add_mutually_exclusive_group(required=True)
     group.add_argument("--remove-class", type=int, metavar="C", help="remove every training example of class C")
     group.add_argument("--remove-experience", type=int, metavar="E", help="remove experience E's data (0-based)")
-    w.add_argument("--strategy", default=DEFAULT_STRATEGY, help=f"an IVON strategy (default: {DEFAULT_STRATEGY})")
+    group.add_argument("--merge", metavar="E,E,...", default=None,
+                       help="preview the merge of these experiences' posteriors (ivon-merge; cl_bayes.whatif_merge)")
+    w.add_argument("--strategy", default=None,
+                   help=f"an IVON strategy (default: {DEFAULT_STRATEGY}; with --merge: ivon-merge)")
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--protocol", default="quick", choices=["quick", "paper"])
     w.add_argument("--verify", action="store_true", help="retrain without the group and compare")
@@ -450,6 +453,10 @@ def resolve_config(args):
     from cl_bayes import config as C
     from cl_bayes.avalanche import strategies
 
+    if args.strategy is None:
+        from cl_bayes.whatif_merge import MERGE_STRATEGY
+
+        args.strategy = MERGE_STRATEGY if getattr(args, "merge", None) is not None else DEFAULT_STRATEGY
     definition = strategies.get(args.strategy)
     spec, spec_path = C.load_spec(args.strategy, args.specs)
     overrides = dict(C.parse_override(text) for text in args.overrides)
@@ -464,8 +471,12 @@ def command_line(args) -> str:
     import shlex
 
     parts = ["cl-bayes", "whatif", "--benchmark", args.benchmark]
-    parts += ["--remove-class", str(args.remove_class)] if args.remove_class is not None else \
-        ["--remove-experience", str(args.remove_experience)]
+    if getattr(args, "merge", None) is not None:
+        parts += ["--merge", args.merge]
+    elif args.remove_class is not None:
+        parts += ["--remove-class", str(args.remove_class)]
+    else:
+        parts += ["--remove-experience", str(args.remove_experience)]
     parts += ["--strategy", args.strategy, "--seed", str(args.seed), "--protocol", args.protocol]
     for text in args.overrides:
         parts += ["--set", text]
@@ -488,6 +499,8 @@ def main(args) -> int:
 
     from cl_bayes.results import write_atomic
 
+    if getattr(args, "merge", None) is not None:
+        return _main_merge(args)
     group = Group("class", args.remove_class) if args.remove_class is not None else \
         Group("experience", args.remove_experience)
     config = resolve_config(args)
@@ -506,6 +519,34 @@ def main(args) -> int:
         scatter_png(png_path, summary, arrays, overwrite=args.overwrite)
     write_atomic(json_path, summary, overwrite=args.overwrite)
     _report(summary, json_path, png_path if args.verify else None)
+    return 0
+
+
+def _main_merge(args) -> int:
+    import torch
+
+    from cl_bayes import whatif_merge as wm
+    from cl_bayes.results import write_atomic
+
+    experiences = wm.parse_experiences(args.merge)
+    config = resolve_config(args)
+    out = Path(args.out) if args.out else Path(args.results) / "whatif" / config.protocol / config.benchmark / \
+        config.strategy
+    stem = f"merge-{'-'.join(map(str, experiences))}-seed{config.seed}"
+    json_path, png_path = out / f"{stem}.json", out / f"{stem}.png"
+    for path in (json_path, png_path) if args.verify else (json_path,):
+        if path.exists() and not args.overwrite:
+            raise WhatIfError(f"{path} exists; pass --overwrite to replace it")
+    torch.set_num_threads(args.threads or (os.cpu_count() or 1))
+    summary = wm.preview(config, experiences, data_root=args.data_root, verify=args.verify,
+                         checkpoint=args.checkpoint)
+    summary["command"] = command_line(args)
+    summary["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    if args.verify:
+        summary["plot"] = png_path.name
+        wm.bars_png(png_path, summary, overwrite=args.overwrite)
+    write_atomic(json_path, summary, overwrite=args.overwrite)
+    wm.report(summary, json_path, png_path if args.verify else None)
     return 0
 
 

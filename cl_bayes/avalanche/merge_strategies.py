@@ -29,8 +29,11 @@ The strategies (the maths is ``cl_bayes.merge``):
   ``cl-bayes suite --executor ray``). Each task builds the run exactly as the runner does
   (same seed, so the same initial weights and prior) and trains its one experience; the
   driver's strategy then trains nothing (``train_epochs = 0``) and merges the returned
-  posteriors after each experience as above. The first experience's posterior is the
-  sequential one exactly; later ones differ only by the random stream they were drawn from.
+  posteriors after each experience as above. torch's RNG is reseeded at the start of every
+  experience from (seed, experience id) (``experience_seed``), so each experience draws the
+  same batches and noise wherever and after whatever it trains: the parallel posteriors equal
+  the sequential ones, and a run over a subset of the stream reproduces the full run's
+  posteriors of those experiences (``cl-bayes whatif --merge``).
 * ``weight-average``, ``task-arithmetic``, ``fisher-merge``: Adam-trained models theta_t from
   the shared start theta_0, merged by the plain average, by theta_0 + alpha * sum_t (theta_t -
   theta_0), or by the Fisher-weighted average (Matena & Raffel, 2022) with F_t the diagonal
@@ -109,8 +112,15 @@ class PosteriorMergingPlugin(SupervisedPlugin):
     ``merged`` the last merge (mean, precision). See the module docstring.
     """
 
-    def __init__(self, *, merge_precision: str = "data_hess", prior_at_init: bool = False, trained=None):
+    def __init__(self, *, merge_precision: str = "data_hess", prior_at_init: bool = False, trained=None,
+                 seed: int | None = None):
         super().__init__()
+        # seed: reseed torch's RNG at the start of every experience from (seed, experience id), so that
+        # experience t draws the same noise and batches however many experiences ran before it (in this
+        # process, in a Ray worker, or in a run over a subset of the stream: cl_bayes.whatif_merge).
+        # experience_ids: the benchmark's ids of the experiences this run trains, in order (default 0, 1, ...).
+        self.seed = seed
+        self.experience_ids: list[int] | None = None
         self.merge_precision = check_merge_precision(merge_precision)
         self.prior_at_init = prior_at_init
         self.trained = trained  # None, or a callable returning every experience's (mean, precision): parallel mode
@@ -126,6 +136,10 @@ class PosteriorMergingPlugin(SupervisedPlugin):
             start = time.perf_counter()
             self.precomputed = self.trained()
             self.seconds["parallel_training"] = time.perf_counter() - start
+        if self.seed is not None:
+            k = len(self.posteriors)
+            t = self.experience_ids[k] if self.experience_ids is not None else k
+            torch.manual_seed(experience_seed(self.seed, t))
         if self.initial is None:
             if self.prior_at_init:
                 opt.set_prior(mean=opt.mean)
@@ -165,6 +179,11 @@ class PosteriorMergingPlugin(SupervisedPlugin):
         opt.hess = (precision - prior_precision).div_(opt.ess)  # so ess * (h + delta) = the merged precision
 
 
+def experience_seed(seed: int, t: int) -> int:
+    """The torch seed experience ``t`` of a merging run with ``seed`` trains with."""
+    return seed * 1_000_003 + 7_919 * (t + 1)
+
+
 def train_one_experience(config: dict, t: int, data_root: str | None) -> dict:
     """A worker: build the run as the runner does (same seed: same start), train experience ``t`` alone.
 
@@ -188,9 +207,10 @@ def train_one_experience(config: dict, t: int, data_root: str | None) -> dict:
             k = cfg.experiences
             bundle = dataclasses.replace(bundle, train=bundle.train[:k], eval=bundle.eval[:k])
         strategy, _ = runner.build_strategy(cfg, bundle, data_root=data_root)
+        plugin = next(p for p in strategy.plugins if isinstance(p, PosteriorMergingPlugin))
+        plugin.experience_ids = [t]
         start = time.perf_counter()
         strategy.train(stream[t])
-    plugin = next(p for p in strategy.plugins if isinstance(p, PosteriorMergingPlugin))
     mean, precision = plugin.posteriors[0]
     return {"t": t, "mean": mean, "precision": precision, "seconds": time.perf_counter() - start}
 
@@ -226,7 +246,8 @@ def _ivon_merge(ctx: BuildContext):
             outcomes = train_in_parallel(config, n, workers=p.workers, data_root=ctx.data_root)
             return [(o["mean"], o["precision"]) for o in outcomes]
 
-    plugin = PosteriorMergingPlugin(merge_precision=p.merge_precision, prior_at_init=p.prior_at_init, trained=trained)
+    plugin = PosteriorMergingPlugin(merge_precision=p.merge_precision, prior_at_init=p.prior_at_init, trained=trained,
+                                    seed=ctx.config.seed)
     strategy = ivon_strategy(ctx, plugin)
     if p.workers > 0:
         strategy.train_epochs = 0  # the driver only merges: each experience was trained by its own task
