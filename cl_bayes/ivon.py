@@ -218,6 +218,7 @@ class IVON(torch.optim.Optimizer):
         rescale_lr: bool = True,
         debias: bool = True,
         antithetic: bool = False,
+        skip_zero_grad: bool = False,
     ) -> None:
         _check_hyperparameters(
             lr=lr, hess_init=hess_init, beta1=beta1, beta2=beta2, weight_decay=weight_decay, clip_radius=clip_radius
@@ -229,6 +230,7 @@ class IVON(torch.optim.Optimizer):
         self.rescale_lr = bool(rescale_lr)
         self.debias = bool(debias)
         self.antithetic = bool(antithetic)
+        self.skip_zero_grad = bool(skip_zero_grad)
         self._flat: Tensor | None = None  # set last: add_param_group is closed from then on
         defaults = dict(
             lr=lr, hess_init=hess_init, beta1=beta1, beta2=beta2, weight_decay=weight_decay, clip_radius=clip_radius
@@ -275,6 +277,7 @@ class IVON(torch.optim.Optimizer):
         self._hess = self._per_group("hess_init")
         self._hess_origin = self._hess.clone()  # h when it was last set, and the steps since (data_hess)
         self._hess_steps = 0
+        self._hess_skipped = torch.zeros_like(flat)  # skip_zero_grad: steps since then that left h alone
         self._momentum = torch.zeros_like(flat)
         self._prior_mean = torch.zeros_like(flat)
         self._prior_precision = self._per_group("weight_decay").mul_(self._ess)
@@ -342,6 +345,7 @@ class IVON(torch.optim.Optimizer):
         if hess is not None:
             self._hess_origin.copy_(hess)
             self._hess_steps = 0
+            self._hess_skipped.zero_()
         for buffer, value in (
             (self._hess, hess),
             (self._prior_mean, prior_mean),
@@ -534,11 +538,17 @@ class IVON(torch.optim.Optimizer):
         ghat, gz = self._grad_sum, self._gz
         if count > 1:
             ghat.div_(count)
+        unseen = torch.eq(ghat, 0.0) if self.skip_zero_grad else None  # before the mean's term joins ghat
         if self._has_mean_grad:  # a term of the mean: momentum only, no curvature
             ghat.add_(self._mean_grad)
             self._mean_grad.zero_()
             self._has_mean_grad = False
         kept = [(i, self._snapshot(i)) for i, active in enumerate(self._active) if not active]
+        # skip_zero_grad: where every sample's data gradient is exactly 0 (the batch's loss does not depend on
+        # the parameter: an input that is 0 in the whole batch, an output masked out), hhat = 0 is no
+        # observation of the curvature, and h keeps its value instead of decaying towards 0.
+        if unseen is not None:
+            self._hess_skipped.add_(unseen)
         hhat_scale = self._gz_sign * math.sqrt(self._ess) / count
         for gi, (group, sl) in enumerate(zip(self.param_groups, self._group_slices, strict=True)):
             if sl.start == sl.stop:
@@ -550,8 +560,11 @@ class IVON(torch.optim.Optimizer):
             torch.addcmul(hess, e, r, value=-hhat_scale, out=e)  # e = h - hhat
             momentum.lerp_(g, 1.0 - beta1)
             if beta2 < 1.0:
+                old = hess.clone() if unseen is not None else None
                 hess.add_(e, alpha=-(1.0 - beta2))
                 hess.addcmul_(e.div_(r), e, value=0.5 * (1.0 - beta2) ** 2)
+                if old is not None:
+                    torch.where(unseen[sl], old, hess, out=hess)
             h_plus_delta = torch.add(hess, delta, out=r)
             lr = group["lr"] * (group["hess_init"] + group["weight_decay"]) if self.rescale_lr else group["lr"]
             debias = 1.0 - beta1**self._step_count if self.debias else 1.0
@@ -630,12 +643,20 @@ class IVON(torch.optim.Optimizer):
         precision ess * (h_T + delta) is mostly ess * hess_init, not the data. This returns
         hbar = (h_T - beta2^T h0) / (1 - beta2^T), Adam's bias correction applied to the
         Hessian, and 0 where that is negative (a precision cannot be). Before any step, and
-        where beta2 = 1 (h frozen), h itself. Steps that skip a parameter (no gradient) still count.
+        where beta2 = 1 (h frozen), h itself. Steps that skip a parameter (no gradient) still count,
+        except, with ``skip_zero_grad``, the steps that left its h alone.
         """
         if self._hess_steps == 0:
             return self._hess.clone().clamp_min_(0.0)
         out = self._hess.clone()
         for group, sl in zip(self.param_groups, self._group_slices, strict=True):
+            if self.skip_zero_grad:  # per parameter: the steps that updated its h
+                decay = torch.pow(group["beta2"], self._hess_steps - self._hess_skipped[sl])
+                updated = decay < 1.0
+                tiny = torch.finfo(out.dtype).tiny
+                debiased = (out[sl] - decay * self._hess_origin[sl]) / (1.0 - decay).clamp_min(tiny)
+                out[sl] = torch.where(updated, debiased, 0.0)  # never updated: no data seen, no data curvature
+                continue
             decay = group["beta2"] ** self._hess_steps
             if decay < 1.0:
                 out[sl].sub_(self._hess_origin[sl], alpha=decay).div_(1.0 - decay)
@@ -730,6 +751,8 @@ class IVON(torch.optim.Optimizer):
             "step": self._step_count,
             "hess_origin": self._hess_origin.clone(),
             "hess_steps": self._hess_steps,
+            "hess_skipped": self._hess_skipped.clone(),
+            "skip_zero_grad": self.skip_zero_grad,
             "mc_samples": self.mc_samples,
             "rescale_lr": self.rescale_lr,
             "debias": self.debias,
@@ -754,6 +777,9 @@ class IVON(torch.optim.Optimizer):
         if "hess_origin" in ivon:  # state dicts written before data_hess: debias from the loaded h
             self._hess_origin.copy_(self._as_flat("hess origin", ivon["hess_origin"]))
             self._hess_steps = int(ivon["hess_steps"])
+        if "hess_skipped" in ivon:
+            self._hess_skipped.copy_(self._as_flat("hess skipped", ivon["hess_skipped"]))
+        self.skip_zero_grad = bool(ivon.get("skip_zero_grad", False))
         self.mc_samples = int(ivon["mc_samples"])
         self.rescale_lr, self.debias = bool(ivon["rescale_lr"]), bool(ivon["debias"])
         self.antithetic = bool(ivon.get("antithetic", False))

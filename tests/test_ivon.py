@@ -694,3 +694,41 @@ def test_sample_is_a_separate_buffer_and_the_mean_is_untouched_inside():
         loss_fn(model).backward()
     assert all(p.data_ptr() == q.data_ptr() for p, q in zip(model.parameters(), opt._mean_views, strict=True))
     assert torch.equal(opt._flat, mean_buffer)
+
+
+def _masked_input_run(steps: int, *, skip_zero_grad: bool) -> tuple[IVON, torch.nn.Linear]:
+    """A linear model whose input 2 is 0 in every example (a never-lit pixel): its weights get gradient 0."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 3)
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(3))
+    x[:, 2] = 0.0
+    y = torch.randint(0, 3, (64,), generator=torch.Generator().manual_seed(4))
+    opt = IVON(layer.parameters(), lr=0.1, ess=64.0, hess_init=0.5, beta2=0.9, skip_zero_grad=skip_zero_grad)
+    for _ in range(steps):
+        with opt.sampled_params(train=True):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(layer(x), y).backward()
+        opt.step()
+    return opt, layer
+
+
+def test_skip_zero_grad_keeps_h_where_the_loss_does_not_depend_on_the_weight():
+    """hhat = g z / sigma is 0 where g = 0: without skip_zero_grad h decays towards 0 there (beta2 0.9:
+    ~0.5 * 0.9^50 after 50 steps), with it h keeps hess_init; every other weight follows the same path."""
+    plain, layer = _masked_input_run(50, skip_zero_grad=False)
+    skip, _ = _masked_input_run(50, skip_zero_grad=True)
+    unlit = torch.zeros(3, 4, dtype=torch.bool)
+    unlit[:, 2] = True
+    unlit = torch.cat([unlit.reshape(-1), torch.zeros(3, dtype=torch.bool)])  # weight, then bias
+    assert (plain.hess[unlit] < 0.01).all()  # ~0.5 * 0.9^50 plus the update's O((1 - beta2)^2) correction
+    assert torch.equal(skip.hess[unlit], torch.full((3,), 0.5))
+    torch.testing.assert_close(skip.hess[~unlit], plain.hess[~unlit])
+    # elsewhere the same means (the unlit weights feed nothing); there only the prior's pull, damped by h + delta
+    torch.testing.assert_close(skip.mean[~unlit], plain.mean[~unlit])
+    # data_hess: no data seen, so no data curvature; elsewhere the same debiasing as without skip
+    assert torch.equal(skip.data_hess[unlit], torch.zeros(3))
+    torch.testing.assert_close(skip.data_hess[~unlit], plain.data_hess[~unlit])
+    # checkpoints carry the count of skipped steps
+    fresh, _ = _masked_input_run(0, skip_zero_grad=False)
+    fresh.load_state_dict(skip.state_dict())
+    assert fresh.skip_zero_grad and torch.equal(fresh.data_hess, skip.data_hess)
