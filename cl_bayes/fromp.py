@@ -515,6 +515,129 @@ def _task_curvature(model: nn.Module, task: MemorableTask, form: KernelForm, chu
     return out
 
 
+def term_ggn_product(prior: FunctionalPrior, model: nn.Module, v: Tensor, *, at: Tensor | None = None) -> Tensor:
+    """A v with A = tau sum_s J_s^T K_s^{-1} J_s, the term's Gauss-Newton matrix at the anchors; flat (P,).
+
+    ``at``: the Jacobians at these flat weights instead of each task's anchor.
+
+    ``curvature`` is diag(A). Per task one forward-mode product J_s v (a JVP of the memory's
+    softmax outputs at the task's anchor) and one reverse-mode product J_s^T u: two passes
+    over the memory, nothing of size P x M stored.
+    """
+    from torch.func import jvp, vjp
+
+    from cl_bayes.jacobians import unflatten
+
+    out = torch.zeros_like(v)
+    for task in prior.tasks:
+        mask = task.class_mask
+
+        def probs(flat: Tensor, task=task, mask=mask) -> Tensor:
+            return masked_softmax(functional_call(model, unflatten(model, flat), (task.inputs,)), mask)
+
+        point = task.anchor if at is None else at
+        _, jv = jvp(probs, (point,), (v,))
+        u = apply_kernel_inverse(jv * mask, task.kernel_inverse, prior.kernel) * mask
+        _, pullback = vjp(probs, point)
+        out += pullback(u)[0]
+    return out.mul_(prior.tau)
+
+
+def preconditioned_stiffness(
+    prior: FunctionalPrior, model: nn.Module, preconditioner: Tensor, *, iters: int = 30, seed: int = 0,
+    at: Tensor | None = None,
+) -> float:
+    """lambda_max(D^{-1} A) for A of ``term_ggn_product`` and D = ``preconditioner`` (flat, > 0).
+
+    Power iteration on the symmetric D^{-1/2} A D^{-1/2} from a seeded random start; 0 without tasks.
+    A step m <- m - alpha D^{-1} grad on the term alone is stable along A's stiffest direction only
+    while alpha * lambda_max stays below the momentum's bound (``stable_curvature_scale``).
+    """
+    if not prior.tasks:
+        return 0.0
+    if not (preconditioner > 0).all():
+        raise ValueError("the preconditioner must be positive")
+    root = preconditioner.rsqrt()
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(preconditioner.shape, generator=g).to(preconditioner)
+    x /= x.norm()
+    value = 0.0
+    with torch.no_grad():
+        for _ in range(iters):
+            y = root * term_ggn_product(prior, model, root * x, at=at)
+            value = float(x @ y)
+            norm = y.norm()
+            if not norm > 0:
+                return 0.0
+            x = y / norm
+    return value
+
+
+def momentum_stability_bound(beta1: float) -> float:
+    """The largest alpha * lambda for which m <- m - alpha g, g <- beta1 g + (1 - beta1) lambda m is stable.
+
+    The characteristic polynomial z^2 - (1 + beta1 - alpha (1 - beta1) lambda) z + beta1 has both
+    roots inside the unit circle iff alpha * lambda < 2 (1 + beta1) / (1 - beta1) (38 at beta1 0.9).
+    """
+    if not 0.0 <= beta1 < 1.0:
+        raise ValueError(f"beta1 must be in [0, 1), got {beta1}")
+    return 2.0 * (1.0 + beta1) / (1.0 - beta1)
+
+
+def stable_curvature_scale(
+    prior: FunctionalPrior,
+    model: nn.Module,
+    *,
+    base: Tensor,
+    curvature: Tensor,
+    step_size: float,
+    beta1: float,
+    margin: float = 4.0,
+    iters: int = 20,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """(gamma, s_1, s_gamma): the least gamma >= 1 with s_gamma <= bound / ``margin``, where
+    s_gamma = step_size * lambda_max((base + gamma c)^{-1} A) and bound = ``momentum_stability_bound``.
+
+    The mean's step divides the term's gradient by ``base + c`` (IVON's h + delta plus
+    ``curvature`` c = diag(A)). A diagonal c can be far below the dense, low-rank A in
+    A's stiffest direction (lambda_max(c^{-1} A) is ~1e4 for FROMP's term on split MNIST),
+    so a step size that is stable at the term's diagonal can still excite that direction:
+    s_gamma grows past the bound and the term explodes within a few steps (docs/BISECTION.md,
+    step 7). Scaling c by gamma changes only the preconditioner, not the objective or its
+    minimum. ``margin`` leaves room for the stiffness to grow as the weights leave the
+    anchors (measured: up to 1.8x within an experience). gamma is found by doubling, then
+    bisection on log gamma (6 halvings); each s is a power iteration of ``iters`` products.
+    """
+    if not margin >= 1.0:
+        raise ValueError(f"margin must be >= 1, got {margin}")
+    if not step_size > 0:
+        raise ValueError(f"step_size must be positive, got {step_size}")
+    target = momentum_stability_bound(beta1) / margin
+
+    def stiffness(gamma: float) -> float:
+        return step_size * preconditioned_stiffness(prior, model, base + gamma * curvature, iters=iters, seed=seed)
+
+    first = stiffness(1.0)
+    if first <= target:
+        return 1.0, first, first
+    low, high = 1.0, 2.0
+    value = stiffness(high)
+    while value > target:
+        low, high = high, high * 2.0
+        if high > 1e8:
+            raise ValueError("the term's curvature cannot make its step stable (is c zero in A's stiff directions?)")
+        value = stiffness(high)
+    for _ in range(6):
+        mid = (low * high) ** 0.5
+        s_mid = stiffness(mid)
+        if s_mid > target:
+            low = mid
+        else:
+            high, value = mid, s_mid
+    return high, first, value
+
+
 def regulariser_gradient(prior: FunctionalPrior, model: nn.Module) -> Tensor:
     """Flat gradient of ``prior(model)`` w.r.t. the trainable parameters (one backward)."""
     params = [p for _, p in trainable_parameters(model)]

@@ -473,3 +473,77 @@ def test_refreshed_gradient_refreshes_on_a_new_task_or_reanchoring_and_validates
     with pytest.raises(ValueError, match="curvature must have"):
         _perturb(model, seed=6)
         lazy(model, params, torch.zeros(3))
+
+
+# --- the term's dense curvature and the stability of the preconditioned step ---------------------------
+
+
+@pytest.mark.parametrize("form", ["block", "full", "identity"])
+def test_term_ggn_product_is_the_terms_hessian_at_the_anchor(form):
+    """At the anchor the residual is 0, so R's Hessian is its Gauss-Newton matrix A; A v against the dense one."""
+    from cl_bayes.fromp import term_ggn_product
+
+    model, posterior, prior = _two_task_prior(form)
+    hessian = torch.autograd.functional.hessian(lambda w: _explicit_term(prior, model, w), posterior.mean)
+    v = torch.randn(posterior.mean.shape, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(term_ggn_product(prior, model, v), hessian @ v, atol=1e-8, rtol=1e-6)
+    elsewhere = posterior.mean + 0.1  # at other weights: J there, K^-1 kept
+    assert not torch.allclose(term_ggn_product(prior, model, v, at=elsewhere), term_ggn_product(prior, model, v))
+
+
+def test_preconditioned_stiffness_is_the_top_eigenvalue():
+    from cl_bayes.fromp import preconditioned_stiffness
+
+    model, posterior, prior = _two_task_prior("block")
+    hessian = torch.autograd.functional.hessian(lambda w: _explicit_term(prior, model, w), posterior.mean)
+    d = 0.5 + torch.rand(posterior.mean.shape, generator=torch.Generator().manual_seed(6))
+    root = d.rsqrt()
+    top = torch.linalg.eigvalsh(root[:, None] * hessian * root[None, :]).max()
+    assert preconditioned_stiffness(prior, model, d, iters=200) == pytest.approx(float(top), rel=1e-4)
+    assert preconditioned_stiffness(FunctionalPrior(tau=1.0), model, d) == 0.0
+    with pytest.raises(ValueError, match="positive"):
+        preconditioned_stiffness(prior, model, d - 10.0)
+
+
+@pytest.mark.parametrize("beta1", [0.0, 0.9, 0.99])
+def test_momentum_stability_bound_separates_decay_from_growth(beta1):
+    """The EMA-momentum step on 0.5 * lam * m^2: bounded just below alpha * lam = bound, growing just above."""
+    from cl_bayes.fromp import momentum_stability_bound
+
+    bound = momentum_stability_bound(beta1)
+
+    def final(alpha_lam: float) -> float:
+        m, g = 1.0, 0.0
+        for _ in range(20_000):
+            g = beta1 * g + (1 - beta1) * m  # lam = 1
+            m = m - alpha_lam * g
+            if abs(m) > 1e6:
+                break
+        return abs(m)
+
+    assert final(0.97 * bound) < 1.0 < final(1.03 * bound)
+    with pytest.raises(ValueError):
+        momentum_stability_bound(1.0)
+
+
+def test_stable_curvature_scale_is_the_least_stable_scale():
+    from cl_bayes.fromp import momentum_stability_bound, preconditioned_stiffness, stable_curvature_scale
+
+    model, posterior, prior = _two_task_prior("block", tau=50.0)
+    c = prior.curvature(model)
+    base = torch.full_like(c, 1e-2)
+    target = momentum_stability_bound(0.9) / 4.0
+
+    def s(gamma: float, step: float) -> float:
+        return step * preconditioned_stiffness(prior, model, base + gamma * c, iters=200)
+
+    stable_step = 0.5 * target / s(1.0, 1.0)
+    assert stable_curvature_scale(prior, model, base=base, curvature=c, step_size=stable_step, beta1=0.9)[0] == 1.0
+    step = 20.0 * target / s(1.0, 1.0)  # 20x past the target at gamma 1
+    gamma, before, after = stable_curvature_scale(prior, model, base=base, curvature=c, step_size=step, beta1=0.9,
+                                                  iters=200)
+    assert gamma > 1.0 and before == pytest.approx(s(1.0, step), rel=1e-3)
+    assert after == pytest.approx(s(gamma, step), rel=1e-3) and after <= target * (1 + 1e-6)
+    assert s(gamma / 1.12, step) > target  # least: within the bisection's resolution (2^(1/64) ~ 1.011 per halving)
+    with pytest.raises(ValueError, match="margin"):
+        stable_curvature_scale(prior, model, base=base, curvature=c, step_size=step, beta1=0.9, margin=0.5)

@@ -29,10 +29,10 @@ def bundle(mnist_root):
     return build_benchmark(config, data_root=mnist_root)
 
 
-def make_strategy(bundle, *plugins, tau=1e-3, **fromp_kwargs):
+def make_strategy(bundle, *plugins, tau=1e-3, lr=0.1, **fromp_kwargs):
     torch.manual_seed(0)
     model = TaskMaskedModel(MLP(in_features=784, hidden=[32], num_classes=10), bundle.class_masks)
-    optimizer = IVON(model.parameters(), lr=0.1, ess=len(bundle.train[0].y), hess_init=0.1)
+    optimizer = IVON(model.parameters(), lr=lr, ess=len(bundle.train[0].y), hess_init=0.1)
     fromp = FunctionalRegularisationPlugin(tau=tau, memory_size=MEMORY, kernel="block", eps=1e-3, **fromp_kwargs)
     strategy = IVONStrategy(model=model, optimizer=optimizer, test_samples=2, train_mb_size=64, train_epochs=1,
                             eval_mb_size=500, evaluator=None, plugins=[fromp, *plugins])
@@ -242,3 +242,40 @@ def test_term_curvature_becomes_ivons_mean_curvature_after_each_experience(bundl
         else:
             assert not curvature.any()
     assert fromp.seconds["curvature"] > 0 if term_curvature else fromp.seconds["curvature"] == 0
+
+
+def test_curvature_is_scaled_at_an_experiences_first_step_until_the_terms_step_is_stable(bundle):
+    """A stiff term (tau 10, lr 1): at experience 2's first step the plugin scales c by the least gamma
+    with step * lambda_max((h + delta + gamma c)^-1 A) <= bound / margin, and IVON divides by h + delta + gamma c."""
+    from cl_bayes.fromp import momentum_stability_bound, preconditioned_stiffness
+
+    seen = []
+
+    class Curvature(SupervisedPlugin):
+        def before_update(self, strategy, **kwargs):
+            seen.append(strategy.optimizer.mean_curvature)
+
+    for margin in (4.0, None):
+        seen.clear()
+        strategy, fromp = make_strategy(bundle, Curvature(), tau=10.0, lr=1.0, stiffness_margin=margin)
+        stream = bundle.benchmark.train_stream
+        strategy.train(stream[0])
+        c = strategy.optimizer.mean_curvature.clone()
+        opt = strategy.optimizer
+        seen.clear()
+        strategy.train(stream[1])
+        if margin is None:
+            assert fromp.curvature_scales == [] and torch.equal(seen[0], c)
+            continue
+        (record,) = fromp.curvature_scales
+        gamma = record["gamma"]
+        assert record["experience"] == 1 and gamma > 1.0 and record["stiffness"] > record["stiffness_scaled"]
+        assert torch.allclose(seen[0], gamma * c) and torch.equal(seen[-1], seen[0])
+        target = momentum_stability_bound(0.9) / margin
+        assert record["stiffness_scaled"] <= target * (1 + 1e-6)
+        step = 1.0 * (0.1 + 1e-4)  # lr * (hess_init + weight_decay): rescale_lr
+        unscaled = step * preconditioned_stiffness(fromp.prior, strategy.model.net,
+                                                   opt.hess + opt.prior_precision / opt.ess + c, iters=20)
+        assert unscaled > target  # the scaling was needed (c alone leaves the step past the target)
+    with pytest.raises(ValueError, match="stiffness_margin"):
+        make_strategy(bundle, stiffness_margin=0.5)

@@ -116,7 +116,7 @@ from torch import Tensor
 
 from cl_bayes.avalanche.memory import SELECTIONS, ExperienceData, Selector, experience_data, make_selector
 from cl_bayes.avalanche.models import class_mask, unwrap
-from cl_bayes.fromp import FunctionalPrior, KernelForm, RefreshedGradient, SagaGradient
+from cl_bayes.fromp import FunctionalPrior, KernelForm, RefreshedGradient, SagaGradient, stable_curvature_scale
 from cl_bayes.laplace import DiagonalLaplace
 
 ESTIMATORS = ("last_layer", "exact", "samples")
@@ -194,6 +194,7 @@ class FunctionalRegularisationPlugin(SupervisedPlugin):
         anchor: str = "experience",
         term_at: str = "mean",
         term_curvature: bool = True,
+        stiffness_margin: float | None = 4.0,
         block_size: int | None = None,
         blocks_per_step: int | None = None,
         refresh_every: int | None = None,
@@ -225,6 +226,11 @@ class FunctionalRegularisationPlugin(SupervisedPlugin):
         self.anchor = anchor
         self.term_at = term_at
         self.term_curvature = bool(term_curvature)
+        if stiffness_margin is not None and not stiffness_margin >= 1.0:
+            raise ValueError(f"stiffness_margin must be >= 1 or None, got {stiffness_margin!r}")
+        self.stiffness_margin = stiffness_margin
+        self.curvature_scales: list[dict] = []  # per experience with a term: gamma and the stiffness before/after
+        self._scale_pending = False  # the next step first scales the curvature (hook 1)
         self.memory_indices: list[Tensor] = []  # per past experience: indices into its training dataset
         self.last_penalty: Tensor | None = None  # the term added at the latest step (detached)
         self._curvature: Tensor | None = None  # the term's diagonal curvature, set per experience (hook 2)
@@ -259,6 +265,9 @@ class FunctionalRegularisationPlugin(SupervisedPlugin):
         """
         if not len(self.prior) or not self._term_of_the_mean(strategy):
             return
+        if self._scale_pending:
+            self._scale_pending = False
+            self._stabilise_curvature(strategy)
         params = strategy.optimizer.params
         with _eval_mode(unwrap(strategy.model)) as net:
             if self._saga is not None or self._refreshed is not None:
@@ -275,6 +284,30 @@ class FunctionalRegularisationPlugin(SupervisedPlugin):
         strategy.optimizer.add_mean_gradient(grads)
         strategy.loss = strategy.loss + penalty.detach()
         self.last_penalty = penalty.detach()
+
+    def _stabilise_curvature(self, strategy) -> None:
+        """At the first step of an experience: scale the term's curvature until its stiffest mode is stable.
+
+        ``cl_bayes.fromp.stable_curvature_scale`` with IVON's h + delta of this experience
+        (after any prior carried over) and its step size; ``stiffness_margin`` None skips it.
+        """
+        opt = strategy.optimizer
+        if self.stiffness_margin is None or self._curvature is None or not hasattr(opt, "mean_curvature"):
+            return
+        start = time.perf_counter()
+        group = max(opt.param_groups, key=lambda g: g["lr"] * ((g["hess_init"] + g["weight_decay"])
+                                                                if opt.rescale_lr else 1.0))
+        step = group["lr"] * ((group["hess_init"] + group["weight_decay"]) if opt.rescale_lr else 1.0)
+        with _eval_mode(unwrap(strategy.model)) as net:
+            gamma, before, after = stable_curvature_scale(
+                self.prior, net, base=opt.hess + opt.prior_precision / opt.ess, curvature=self._curvature,
+                step_size=step, beta1=group["beta1"], margin=self.stiffness_margin,
+            )
+        if gamma != 1.0:
+            opt.mean_curvature = self._curvature * gamma
+        self.curvature_scales.append({"experience": strategy.experience.current_experience, "gamma": gamma,
+                                      "stiffness": before, "stiffness_scaled": after})
+        self.seconds["curvature"] += time.perf_counter() - start
 
     # -- hook 2: end of each experience ------------------------------------------
     def after_training_exp(self, strategy, **kwargs):
@@ -303,6 +336,7 @@ class FunctionalRegularisationPlugin(SupervisedPlugin):
                 start = time.perf_counter()
                 self._curvature = self.prior.curvature(net)  # once per experience, not per step
                 optimizer.mean_curvature = self._curvature
+                self._scale_pending = True
                 self.seconds["curvature"] += time.perf_counter() - start
         self.memory_indices.append(chosen)
 

@@ -73,6 +73,8 @@ class FunctionalParams:
     anchor: str = "experience"  # experience: each task keeps its own posterior; latest: re-anchor (FROMP)
     term_at: str = "mean"  # evaluate the term at the posterior mean, or at the sampled network (docs/BISECTION.md)
     term_curvature: bool = True  # the term's Hessian at its anchors joins IVON's preconditioner (term_at mean)
+    stiffness_margin: float | None = 4.0  # scale that curvature until the term's stiffest mode is this far from the
+    # momentum's stability bound (cl_bayes.fromp.stable_curvature_scale; None: never scale)
     block_size: int | None = None  # split each experience's memory into kernel blocks of this many points (None: one)
     blocks_per_step: int | None = None  # blocks per step, SAGA estimate (None: exact; sampled collapsed: BISECTION 4)
     refresh_every: int | None = None  # exact term every k steps, its diagonal quadratic model between (None: each)
@@ -115,8 +117,8 @@ def functional_plugin(ctx: BuildContext) -> FunctionalRegularisationPlugin:
     return FunctionalRegularisationPlugin(
         tau=p.tau, memory_size=p.memory_size, kernel=p.kernel, eps=p.eps, selection=p.selection,
         estimator=p.estimator, seed=ctx.config.seed, laplace=laplace, anchor=p.anchor, term_at=p.term_at,
-        term_curvature=p.term_curvature, block_size=p.block_size, blocks_per_step=p.blocks_per_step,
-        refresh_every=p.refresh_every,
+        term_curvature=p.term_curvature, stiffness_margin=p.stiffness_margin, block_size=p.block_size,
+        blocks_per_step=p.blocks_per_step, refresh_every=p.refresh_every,
     )
 
 
