@@ -70,6 +70,7 @@ of BatchNorm in training mode: it would use the memory's batch statistics).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -536,7 +537,9 @@ def term_ggn_product(prior: FunctionalPrior, model: nn.Module, v: Tensor, *, at:
             return masked_softmax(functional_call(model, unflatten(model, flat), (task.inputs,)), mask)
 
         point = task.anchor if at is None else at
-        _, jv = jvp(probs, (point,), (v,))
+        with warnings.catch_warnings():  # torch's forward-mode AD scripts its decompositions once
+            warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
+            _, jv = jvp(probs, (point,), (v,))
         u = apply_kernel_inverse(jv * mask, task.kernel_inverse, prior.kernel) * mask
         _, pullback = vjp(probs, point)
         out += pullback(u)[0]
