@@ -18,7 +18,12 @@
      IVON preconditions only by the data's ``h`` and the term, whose curvature in the
      memorable directions is ~``tau * ess * (h + delta)``, makes the step unstable once
      ``lr * tau * ess`` exceeds ~1 (the collapses in the specs' comments and
-     ``docs/BISECTION.md``).
+     ``docs/BISECTION.md``). At the first step of each experience, with ``stiffness_margin``
+     (default 4), c is scaled by the least gamma >= 1 that keeps the term's stiffest mode,
+     step * lambda_max((h + delta + gamma c)^-1 A) with A the term's dense Gauss-Newton matrix,
+     at <= 1 / margin of the momentum's stability bound (``cl_bayes.fromp.stable_curvature_scale``;
+     ``curvature_scales`` records gamma per experience). A diagonal c misses A's stiffest
+     direction by ~1e4 on split MNIST, which had capped the learning rate (docs/BISECTION.md step 7).
    * ``before_backward`` otherwise: added to ``strategy.loss`` (one backward pass shared
      with the data loss). With a deterministic optimizer (Adam) the trained weights are
      the mean. ``term_at="network"`` (bisection only) evaluates it there at each IVON
