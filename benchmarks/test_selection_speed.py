@@ -56,6 +56,7 @@ VARIANTS = {
     "trimmed-all": ("last_layer", None, "trimmed"),
     "pruned-all": ("last_layer", None, "pruned"),
     "herding-all": ("last_layer", None, "herding"),  # ivon-replay's default: iCaRL herding, no sensitivity
+    "last_layer-all-bf16": ("last_layer", None, "sensitivity"),  # the scoring pass under bfloat16 autocast
 }
 
 
@@ -116,10 +117,17 @@ def test_selection(benchmark, setting, threads, variant):
         start = time.perf_counter()
         train_once(strategy, experience)
         training.append(time.perf_counter() - start)
+    bf16 = variant.endswith("-bf16")
     select = (make_selector(rule, seed=0) if rule == "herding"
-              else sensitivity_selector(estimator=estimator, candidates=candidates, rule=rule))
+              else sensitivity_selector(estimator=estimator, candidates=candidates, rule=rule,
+                                        score_dtype="bfloat16" if bf16 else "float32"))
     chosen = benchmark.pedantic(select, args=(strategy, experience, MEMORY), rounds=10, warmup_rounds=2)
     assert chosen.shape == (MEMORY,)
+    if bf16:  # how much of the float32 memory the bfloat16 scores keep
+        exact = sensitivity_selector(estimator=estimator, rule=rule)(strategy, experience, MEMORY)
+        overlap = len(set(chosen.tolist()) & set(exact.tolist())) / MEMORY
+        benchmark.extra_info["overlap_with_float32"] = overlap
+        print(f"\n[{variant}] memory shared with the float32 scores: {100 * overlap:.0f}%")
     start = time.perf_counter()
     experience_data(experience)
     read = time.perf_counter() - start

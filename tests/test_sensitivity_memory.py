@@ -23,7 +23,7 @@ from avalanche.training.plugins import ReplayPlugin, SupervisedPlugin
 from cl_bayes import config as C
 from cl_bayes.avalanche import strategies
 from cl_bayes.avalanche.ivon_strategy import NaturalParameterAccumulation
-from cl_bayes.avalanche.memory import experience_data, lambda_selector, sensitivity_selector
+from cl_bayes.avalanche.memory import experience_data, experience_targets, lambda_selector, sensitivity_selector
 from cl_bayes.avalanche.models import class_mask, unwrap
 from cl_bayes.jacobians import masked_softmax
 from cl_bayes.memory import class_quotas, herding_selection, select_memory, softmax_hessian_trace
@@ -250,3 +250,19 @@ def test_selectors_reject_bad_inputs(bundles):
         strategy, _ = build_strategy(config("replay"), bundle)
     with pytest.raises(TypeError, match="IVON"):
         sensitivity_selector()(strategy, bundle.benchmark.train_stream[0], 10)
+
+
+def test_bfloat16_scores_choose_nearly_the_float32_memory(bundles):
+    """score_dtype='bfloat16' runs the scoring pass under bf16 autocast: float32 scores out, and on a
+    trained IVON posterior a memory that shares most of its examples with the float32 choice."""
+    cfg = config("ivon-replay-sensitivity", "split-mnist", train_per_experience=400)
+    strategy, _ = run_tiny(bundles, cfg)
+    experience = bundles(cfg).benchmark.train_stream[4]  # the last of the 5
+    exact = sensitivity_selector()(strategy, experience, 40)
+    approx = sensitivity_selector(score_dtype="bfloat16")(strategy, experience, 40)
+    assert approx.shape == exact.shape and len(set(approx.tolist())) == 40
+    y = experience_targets(experience)
+    assert class_quotas(y[approx], memory_size=40) == class_quotas(y[exact], memory_size=40)
+    assert len(set(approx.tolist()) & set(exact.tolist())) >= 30
+    with pytest.raises(ValueError, match="score_dtype"):
+        sensitivity_selector(score_dtype="float16")
