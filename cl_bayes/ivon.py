@@ -566,7 +566,7 @@ class IVON(torch.optim.Optimizer):
                 if old is not None:
                     torch.where(unseen[sl], old, hess, out=hess)
             h_plus_delta = torch.add(hess, delta, out=r)
-            lr = group["lr"] * (group["hess_init"] + group["weight_decay"]) if self.rescale_lr else group["lr"]
+            lr = self.step_size(group)
             debias = 1.0 - beta1**self._step_count if self.debias else 1.0
             # numerator g + debias delta (m - m0), in e's buffer
             if self._zero_prior_mean[gi]:
@@ -602,6 +602,10 @@ class IVON(torch.optim.Optimizer):
         return self._flat[sl].clone(), self._hess[sl].clone(), self._momentum[sl].clone()
 
     # ------------------------------------------------------------------ posterior
+
+    def step_size(self, group: dict) -> float:
+        """alpha of a parameter group's mean update: lr, times hess_init + weight_decay with ``rescale_lr``."""
+        return group["lr"] * (group["hess_init"] + group["weight_decay"]) if self.rescale_lr else group["lr"]
 
     @property
     def params(self) -> tuple[Tensor, ...]:

@@ -300,9 +300,8 @@ class FunctionalRegularisationPlugin(SupervisedPlugin):
         if self.stiffness_margin is None or self._curvature is None or not hasattr(opt, "mean_curvature"):
             return
         start = time.perf_counter()
-        group = max(opt.param_groups, key=lambda g: g["lr"] * ((g["hess_init"] + g["weight_decay"])
-                                                                if opt.rescale_lr else 1.0))
-        step = group["lr"] * ((group["hess_init"] + group["weight_decay"]) if opt.rescale_lr else 1.0)
+        group = max(opt.param_groups, key=opt.step_size)  # the largest step is the one to keep stable
+        step = opt.step_size(group)
         with _eval_mode(unwrap(strategy.model)) as net:
             gamma, before, after = stable_curvature_scale(
                 self.prior, net, base=opt.hess + opt.prior_precision / opt.ess, curvature=self._curvature,

@@ -317,9 +317,9 @@ def sensitivity_selector(
     ``rule``: ``sensitivity`` (top S, the default), ``stratified``, ``proportional``
     (``temperature``), ``trimmed`` or ``pruned`` (``discard``), ``cl_bayes.memory``; the random rules
     are seeded from ``seed`` and the experience. ``score_dtype="bfloat16"``: the scoring pass runs under
-    torch's bfloat16 autocast (matrix products in bfloat16, ~2.6x faster on a CPU with AMX/AVX-512 bf16;
-    scores returned as float32), an approximation of the float32 scores (``benchmarks/test_selection_speed.py``
-    measures the cost and the overlap of the chosen memories).
+    torch's bfloat16 autocast (matrix products in bfloat16; scores returned as float32), an approximation
+    of the float32 scores. ``benchmarks/test_selection_speed.py`` measures it (row ``last_layer-all-bf16``):
+    13.1 ms against 23.3 ms in float32 on this project's CPU (AVX-512 bf16), keeping 99 % of the memory.
     """
     _check_candidates(candidates)
     if score_dtype not in ("float32", "bfloat16"):
