@@ -72,6 +72,16 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _check_data(todo, data_root) -> None:
+    """Load every dataset the planned runs need once, here: a missing data root is one DataError before any
+    worker starts (not one failure per run), and the workers then read the decoded tensor cache."""
+    from cl_bayes import data
+    from cl_bayes.protocols import BENCHMARKS
+
+    for name in sorted({BENCHMARKS[r.benchmark].dataset for r in todo if r.benchmark in BENCHMARKS}):
+        data.load(name, data_root)
+
+
 def _run_suite(args, results_root: str):
     """Plan and run the suite file's missing runs into ``results_root``, with progress.
 
@@ -90,6 +100,7 @@ def _run_suite(args, results_root: str):
                         overrides=_overrides(args), device=args.device, threads=threads, overwrite=args.overwrite)
     for r in todo:  # fail fast on bad specs, before hours of work
         S.resolve_request(r)
+    _check_data(todo, args.data_root)
     parallel = jobs if args.executor == "local" else (args.jobs or "all CPUs")
     what = "" if part == suite else " (part)"
     print(f"suite {args.suite_file}{what} into {results_root}: {len(todo)} runs to do, {len(done)} already done "

@@ -157,6 +157,19 @@ def test_missing_data_root_is_one_line_and_status_2(tmp_path, capsys, offline):
     assert not root.exists() or files_under(root) == []
 
 
+def test_a_suite_without_data_is_one_line_before_any_worker_starts(tmp_path, capsys, offline):
+    root, empty = tmp_path / "results", tmp_path / "no-data"
+    empty.mkdir()
+    suite_file = tmp_path / "two.toml"
+    suite_file.write_text('protocol = "quick"\nseeds = [0, 1]\nbenchmarks = ["split-mnist"]\nstrategies = ["naive"]\n')
+    code = main(["-q", "suite", str(suite_file), "--results", str(root), "--data-root", str(empty), "--jobs", "2"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "MNIST not found under data root" in err[0] and str(empty / "MNIST" / "raw") in err[0]
+    assert "FAILED" not in "\n".join(err)
+    assert not root.exists() or files_under(root) == []
+
+
 def test_a_diverging_run_is_one_line_and_leaves_no_file(tmp_path, capsys, mnist_root):
     root = tmp_path / "results"
     assert main(run_args(root, "--set", "lr=1e30")) == 2
