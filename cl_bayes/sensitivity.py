@@ -396,7 +396,22 @@ def whatif_remove(
     s = posterior.precision.detach()
     s_new = torch.maximum(s - omega * ggn, min_precision_fraction * s)
     delta = omega * grad / s_new
-    mean = posterior.mean.detach()
+    return removal_predictions(model, posterior.mean.detach(), delta, precision=s_new, heldout_x=heldout_x,
+                               heldout_y=heldout_y, heldout_class_mask=heldout_class_mask, linearise=linearise)
+
+
+def removal_predictions(
+    model: nn.Module,
+    mean: Tensor,
+    delta: Tensor,
+    *,
+    precision: Tensor,
+    heldout_x: Tensor,
+    heldout_y: Tensor | None = None,
+    heldout_class_mask: Tensor | None = None,
+    linearise: bool = True,
+) -> WhatIfRemoval:
+    """Held-out predictions at ``mean`` and at ``mean + delta`` (or its linearisation: one JVP)."""
 
     def f(flat: Tensor) -> Tensor:
         return functional_call(model, unflatten(model, flat), (heldout_x,))
@@ -409,6 +424,20 @@ def whatif_remove(
             after = before + tangent
         else:
             before, after = f(mean), f(mean + delta)
+    return removal_from_logits(before, after, delta, precision=precision, heldout_y=heldout_y,
+                               heldout_class_mask=heldout_class_mask)
+
+
+def removal_from_logits(
+    before: Tensor,
+    after: Tensor,
+    delta: Tensor,
+    *,
+    precision: Tensor,
+    heldout_y: Tensor | None = None,
+    heldout_class_mask: Tensor | None = None,
+) -> WhatIfRemoval:
+    """The ``WhatIfRemoval`` of held-out logits before and after the removal step ``delta``."""
     check_class_mask(heldout_class_mask, tuple(before.shape))
     p_before = masked_softmax(before, heldout_class_mask)
     p_after = masked_softmax(after, heldout_class_mask)
@@ -420,7 +449,7 @@ def whatif_remove(
         nll_after = -masked_log_softmax(after, heldout_class_mask).gather(-1, idx).mean()
     return WhatIfRemoval(
         delta_mean=delta,
-        precision=s_new,
+        precision=precision,
         logits_before=before,
         logits_after=after,
         probs_before=p_before,
