@@ -1,10 +1,11 @@
-"""Time of one training step: Adam vs our IVON (1 MC sample) vs ivon-opt 0.1.3.
+"""Time of one training step: Adam vs our IVON (1 MC sample; antithetic and/or fused) vs ivon-opt 0.1.3.
 
     .venv/bin/python -m pytest benchmarks/test_step_speed.py --benchmark-only
 
 A step is zero_grad, forward, backward and the optimizer step; for IVON the forward and backward run
 inside ``sampled_params(train=True)``, as in training. One intra-op thread, fixed inputs. Not collected
-by ``pytest tests/``. Compare the ``min`` column within a group (the CPU may be shared).
+by ``pytest tests/``. Compare the ``min`` column within a group (the CPU may be shared). The fused rows
+compile their update in the warm-up rounds (seconds, once per process), which the timed rounds exclude.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from _torch_threads import one_thread  # noqa: F401 (a fixture)
 
 from cl_bayes.ivon import IVON
 
-OPTIMIZERS = ("adam", "ivon", "ivon-antithetic", "ivon-opt")
+OPTIMIZERS = ("adam", "ivon", "ivon-antithetic", "ivon-fused", "ivon-fused-antithetic", "ivon-opt")
 
 
 def mlp() -> torch.nn.Module:
@@ -64,8 +65,9 @@ def make_step(name: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
             opt.step()
 
         return step
-    if name in ("ivon", "ivon-antithetic"):  # antithetic: opt-in z, -z pairs, half the Gaussian draws
-        opt = IVON(model.parameters(), lr=0.1, ess=50_000.0, antithetic=name == "ivon-antithetic")
+    if name.startswith("ivon-") and name != "ivon-opt" or name == "ivon":
+        # antithetic: opt-in z, -z pairs, half the Gaussian draws; fused: opt-in compiled update (cl_bayes.ivon_fused)
+        opt = IVON(model.parameters(), lr=0.1, ess=50_000.0, antithetic="antithetic" in name, fused="fused" in name)
     else:
         ivon = pytest.importorskip("ivon")
         opt = ivon.IVON(model.parameters(), lr=0.1, ess=50_000.0)

@@ -732,3 +732,66 @@ def test_skip_zero_grad_keeps_h_where_the_loss_does_not_depend_on_the_weight():
     fresh, _ = _masked_input_run(0, skip_zero_grad=False)
     fresh.load_state_dict(skip.state_dict())
     assert fresh.skip_zero_grad and torch.equal(fresh.data_hess, skip.data_hess)
+
+
+# ----------------------------------------------------------------------------- fused (compiled) update
+
+
+def _run_fused_or_not(fused: bool, *, mc_samples: int, antithetic: bool, clip: float, extras: bool) -> IVON:
+    model = make_model()
+    opt = IVON(two_groups(model), lr=0.1, ess=50.0, mc_samples=mc_samples, weight_decay=1e-2, hess_init=0.5,
+               beta2=0.99, clip_radius=clip, antithetic=antithetic, fused=fused)
+    n = sum(p.numel() for p in model.parameters())
+    gen = torch.Generator().manual_seed(3)
+    if extras:  # a prior with a mean and per-weight precision, and a term of the mean
+        opt.set_prior(mean=torch.randn(n, generator=gen) * 0.1, precision=torch.rand(n, generator=gen) + 0.1)
+        opt.mean_curvature = torch.rand(n, generator=gen)
+    mean_grad = torch.randn(n, generator=gen) * 0.1
+    torch.manual_seed(11)
+    for t in range(6):
+        for _ in range(mc_samples):
+            with opt.sampled_params(train=True):
+                opt.zero_grad()
+                loss_fn(model).backward()
+            if extras and t % 2:  # an evaluation sample between the recorded one and the step
+                with torch.no_grad(), opt.sampled_params():
+                    model(X)
+        if extras:
+            pieces = mean_grad.split([p.numel() for p in opt.params])
+            opt.add_mean_gradient([g.view_as(p) for g, p in zip(pieces, opt.params, strict=True)])
+        opt.step()
+    return opt
+
+
+def test_fused_update_equals_the_eager_step():
+    """fused=True (the update compiled into one loop, g * z formed inside it) is the eager step to float
+    rounding: one and two samples, antithetic or not, clipped or not, with a prior mean, a term of the mean
+    (gradient and curvature) and an evaluation sample between the recorded one and the step."""
+    pytest.importorskip("torch._inductor")
+    cases = [(1, False, math.inf, False), (1, True, math.inf, False), (2, False, 1e-2, False), (1, False, 1e-2, True),
+             (1, True, math.inf, True)]
+    for mc_samples, antithetic, clip, extras in cases:
+        eager, fused = (_run_fused_or_not(f, mc_samples=mc_samples, antithetic=antithetic, clip=clip, extras=extras)
+                        for f in (False, True))
+        where = f"mc_samples={mc_samples} antithetic={antithetic} clip={clip} extras={extras}"
+        for name in ("mean", "hess", "_momentum"):
+            torch.testing.assert_close(getattr(fused, name), getattr(eager, name), rtol=1e-5, atol=1e-6,
+                                       msg=f"{name}, {where}")
+        assert not torch.equal(fused.hess, torch.full_like(fused.hess, fused.hess[0]))  # h did move
+
+
+def test_fused_update_falls_back_to_the_eager_step_when_compilation_fails(monkeypatch):
+    import cl_bayes.ivon_fused as F
+
+    def broken(fn, **kwargs):
+        def call(*args, **kw):
+            raise RuntimeError("no C++ compiler")
+        return call
+
+    monkeypatch.setattr(F, "_compiled", None)
+    monkeypatch.setattr(F, "_failed", False)
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed .*no C\\+\\+ compiler.*eager step"):
+        fused = _run_fused_or_not(True, mc_samples=1, antithetic=False, clip=math.inf, extras=True)
+    eager = _run_fused_or_not(False, mc_samples=1, antithetic=False, clip=math.inf, extras=True)
+    assert torch.equal(fused.mean, eager.mean) and torch.equal(fused.hess, eager.hess)

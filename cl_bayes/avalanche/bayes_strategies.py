@@ -38,6 +38,8 @@ class IVONParams:
     test_samples: int = 10  # posterior samples for the Bayesian model average (0: predict at the mean)
     lr_schedule: str = "constant"  # within each experience: constant or cosine (to 0; cl_bayes.schedules)
     skip_zero_grad: bool = False  # h keeps its value where the batch's gradient is exactly 0 (no curvature seen)
+    antithetic: bool = False  # noise in pairs z, -z: half the Gaussian draws (changes the results)
+    fused: bool = False  # the update compiled into one loop (cl_bayes.ivon_fused; seconds to compile per run)
 
 
 @dataclass
@@ -76,7 +78,7 @@ def ivon_strategy(ctx: BuildContext, *plugins) -> IVONStrategy:
     optimizer = IVON(
         model.parameters(), lr=ctx.config.lr, ess=first_ess, hess_init=p.hess_init, beta1=p.beta1,
         beta2=p.beta2, weight_decay=p.weight_decay, mc_samples=p.mc_samples, clip_radius=clip_radius,
-        skip_zero_grad=p.skip_zero_grad,
+        skip_zero_grad=p.skip_zero_grad, antithetic=p.antithetic, fused=p.fused,
     )
     return IVONStrategy(
         optimizer=optimizer, mc_samples=p.mc_samples, test_samples=p.test_samples, ess=p.ess,
