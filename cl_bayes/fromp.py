@@ -50,19 +50,29 @@ Task-incremental masks: the softmax is over the memory's allowed classes;
 masked classes have zero residual, zero Jacobian, and their kernel rows and
 columns are replaced by those of the identity, so they contribute nothing.
 
-Sampled term (``block_size``; ``__call__(blocks=)``, ``SagaGradient``). Exact FROMP
-touches every memorable point at every step: at experience 10 of permuted MNIST, 1,800
+Sampled term (``block_size``; ``draw``, ``__call__(blocks=, weights=)``, ``SagaGradient``). Exact
+FROMP touches every memorable point at every step: at experience 10 of permuted MNIST, 1,800
 points, ~10 batches' worth of forward and backward. With ``block_size`` each experience's
 memory is split once, when it is added, into blocks of at most ``block_size`` points
 (strided, so that each block keeps the memory's class balance), each with its own kernel
 and inverse: the kernel becomes block-diagonal over blocks, an approximation (exact when
 ``block_size`` >= the memory size) that drops the cross-block correlations of K. A step
-then evaluates ``n`` blocks drawn uniformly without replacement (``draw_blocks``) and
-scales their sum by B / n (B blocks in all): its value and gradient are unbiased for the
-blocked term; ``SagaGradient`` is SAGA's lower-variance unbiased estimate of its gradient.
-The curvature (``curvature``) is the blocked term's, over all blocks. Both estimators are
-opt-in: on split MNIST both collapsed the old tasks where the exact term did not
-(docs/BISECTION.md, step 4).
+then evaluates the blocks of one draw (``draw``): k of each experience's q blocks, weighted
+q / k (``per_experience``, stratified: every past experience's function is held at every
+step), or k of all n blocks weighted n / k. Either way the weighted sum is unbiased for the
+blocked term, value and gradient; equal-sized blocks are evaluated in one batched product.
+``SagaGradient`` is SAGA's variance-reduced estimate of the gradient.
+
+Stability of the sampled term (``stable_curvature_scale(blocks_per_step=)``). A drawn block
+weighted q acts on the mean's step as a *random* gain, q A_b one step and nothing the next;
+IVON's momentum step, stable up to a per-step stiffness of 38 for a fixed gain, is stable in
+mean square only up to 3.8 when the gain comes 1 step in 2 (``sampled_stability_bound``,
+``random_gain_stiffness``). The curvature scale gamma is therefore chosen for the draws'
+random gain, not for A; with it the stratified term holds split MNIST like the exact term,
+while scaled to A's stiffness alone every sampled variant drifted and exploded
+(docs/BISECTION.md, steps 4 and 8). The price is a larger gamma (hundreds instead of ~1-10),
+which slows the mean in the directions the memory pins down: on permuted MNIST the new
+permutations are learnt worse and one seed collapsed, so the exact term stays the default.
 
 The memories are evaluated in the model's current mode as one batch (beware
 of BatchNorm in training mode: it would use the memory's batch statistics).
@@ -206,6 +216,7 @@ class FunctionalPrior:
         self.chunk_size = chunk_size
         self.block_size = block_size
         self.tasks: list[MemorableTask] = []  # one per kernel block: an experience's memory, or a block of it
+        self.experiences: list[list[int]] = []  # per add_task call (an experience): the indices of its blocks
         self.version = 0  # counts re-anchorings (SagaGradient's table is then stale)
         self._curvatures: list[Tensor | None] = []  # per task: diag(J^T K^-1 J) at its anchor, when asked
         self._inputs: Tensor | None = None  # all memories, concatenated
@@ -271,6 +282,7 @@ class FunctionalPrior:
             rows = slice(b, None, count)
             mask = None if class_mask is None else class_mask[rows]
             added.append(self._memorable_task(model, posterior, x[rows], mask))
+        self.experiences.append(list(range(len(self.tasks), len(self.tasks) + count)))
         self.tasks += added
         self._curvatures += [None] * count
         self._inputs = torch.cat([t.inputs for t in self.tasks])
@@ -283,6 +295,27 @@ class FunctionalPrior:
         if count >= len(self.tasks):
             return list(range(len(self.tasks)))
         return torch.randperm(len(self.tasks), generator=generator)[:count].sort().values.tolist()
+
+    def draw(
+        self, count: int, generator: torch.Generator | None = None, *, per_experience: bool = False
+    ) -> tuple[list[int], list[float]]:
+        """(blocks, weights) for one step's unbiased estimate sum_b weight_b * term_b of the blocked term.
+
+        Uniform: ``count`` of the n blocks (``draw_blocks``), each weighted n / count.
+        ``per_experience``: ``count`` of each experience's q blocks, weighted q / count, so that
+        every past experience's function is held at every step (stratified sampling).
+        """
+        _check_positive_int("count", count)
+        if not per_experience:
+            blocks = self.draw_blocks(count, generator)
+            return blocks, [len(self.tasks) / len(blocks)] * len(blocks)
+        blocks, weights = [], []
+        for group in self.experiences:
+            k = min(count, len(group))
+            picks = range(len(group)) if k == len(group) else torch.randperm(len(group), generator=generator)[:k]
+            blocks += sorted(group[int(i)] for i in picks)
+            weights += [len(group) / k] * k
+        return blocks, weights
 
     def reanchor(self, model: nn.Module, posterior: DiagonalGaussian) -> None:
         """Recompute every stored task's m_s and K_s^{-1} under ``posterior`` (FROMP's m_{t-1,s}, K_{t-1,s}).
@@ -361,17 +394,51 @@ class FunctionalPrior:
             raise ValueError(f"blocks must be distinct indices in [0, {len(self.tasks)}), got {blocks!r}")
 
     def __call__(
-        self, model: nn.Module, params: dict[str, Tensor] | None = None, *, blocks: list[int] | None = None
+        self, model: nn.Module, params: dict[str, Tensor] | None = None, *, blocks: list[int] | None = None,
+        weights: list[float] | None = None,
     ) -> Tensor:
-        """The term over all blocks, or its unbiased estimate len(self) / len(blocks) * sum over ``blocks``."""
+        """The term over all blocks, or its estimate over ``blocks``: sum_b weight_b term_b.
+
+        Without ``weights`` each drawn block weighs len(self) / len(blocks) (unbiased for uniform
+        draws); ``draw`` returns the weights of its draws.
+        """
         if not self.tasks:
             param = next(iter(model.parameters()))
             return param.new_zeros(())
-        scale = 1.0
-        if blocks is not None:
-            self._check_blocks(blocks)
-            scale = len(self.tasks) / len(blocks)
-        return scale * sum(self.block_terms(model, blocks, params=params))
+        if blocks is None:
+            return sum(self.block_terms(model, params=params))
+        self._check_blocks(blocks)
+        if weights is None:
+            weights = [len(self.tasks) / len(blocks)] * len(blocks)
+        if len(weights) != len(blocks):
+            raise ValueError(f"{len(weights)} weights for {len(blocks)} blocks")
+        tasks = [self.tasks[b] for b in blocks]
+        if self.kernel != "identity" and len({t.inputs.shape[0] for t in tasks}) == 1:
+            return self._batched_sum(model, tasks, weights, params)
+        return sum(w * t for w, t in zip(weights, self.block_terms(model, blocks, params=params), strict=True))
+
+    def _batched_sum(
+        self, model: nn.Module, tasks: list[MemorableTask], weights: list[float], params: dict[str, Tensor] | None
+    ) -> Tensor:
+        """sum_b weight_b tau/2 r_b^T K_b^{-1} r_b for blocks of one size: one batched kernel product.
+
+        The same value and gradient as ``block_terms`` (r . v - r_detached . v / 2 with v = K^{-1} r
+        detached), without a Python loop over the blocks: what a sampled step draws (equal blocks
+        of every experience) costs one forward pass and one einsum.
+        """
+        inputs = torch.cat([t.inputs for t in tasks])
+        mask = torch.cat([t.class_mask for t in tasks])
+        logits = model(inputs) if params is None else functional_call(model, params, (inputs,))
+        n, size = len(tasks), tasks[0].inputs.shape[0]
+        r = (masked_softmax(logits, mask) - torch.cat([t.probs for t in tasks])).view(n, size, -1)
+        fixed = r.detach()
+        inverse = torch.stack([t.kernel_inverse for t in tasks])
+        if self.kernel == "block":  # (n, C, M, M)
+            v = torch.einsum("ncij,njc->nic", inverse, fixed)
+        else:  # full: (n, M, C, C)
+            v = torch.einsum("nicd,nid->nic", inverse, fixed)
+        w = torch.tensor(weights, dtype=r.dtype, device=r.device).view(n, 1, 1)
+        return self.tau * (w * (r * v - 0.5 * fixed * v)).sum()
 
 
 class SagaGradient:
@@ -385,20 +452,27 @@ class SagaGradient:
     whose expectation over the draw is sum_b grad_b(w), the exact (blocked) gradient, and
     whose variance vanishes as the weights settle (plain B / n scaling, ``FunctionalPrior(blocks=)``,
     has the variance of the blocks' spread). Measured: it does not make the sampled term
-    usable; on split MNIST it collapses like plain scaling (docs/BISECTION.md, step 4).
+    usable; on split MNIST it collapses, also with the random-gain curvature scale: its table's
+    stale gradients are a delayed feedback that the per-step analysis does not cover
+    (docs/BISECTION.md, steps 4 and 8). The plugin's default is the weighted draw instead.
     A block enters the table with g_b = 0, exact at its anchor,
     where the residual is zero; ``reanchor`` (new anchors at the current weights) zeroes the
     table again. The value returned is the same estimator applied to the block values.
     Memory: one flat gradient per block (B x P floats).
     """
 
-    def __init__(self, prior: FunctionalPrior, *, blocks_per_step: int, generator: torch.Generator | None = None):
+    def __init__(
+        self, prior: FunctionalPrior, *, blocks_per_step: int, generator: torch.Generator | None = None,
+        per_experience: bool = False,
+    ):
         _check_positive_int("blocks_per_step", blocks_per_step)
         self.prior = prior
         self.blocks_per_step = blocks_per_step
+        self.per_experience = bool(per_experience)  # blocks_per_step of each experience's blocks (FunctionalPrior.draw)
         self.generator = generator
         self._grads: Tensor | None = None  # (B, P)
         self._values: Tensor | None = None  # (B,)
+        self._sum: Tensor | None = None  # (P,): sum_b g_b, kept up to date (not re-summed per step)
         self._version = -1
 
     def _sync(self, num_params: int, like: Tensor) -> None:
@@ -406,6 +480,7 @@ class SagaGradient:
         if self._version != self.prior.version or self._grads is None:  # re-anchored (or first use): all at anchor
             self._grads = like.new_zeros((count, num_params))
             self._values = like.new_zeros(count)
+            self._sum = like.new_zeros(num_params)
             self._version = self.prior.version
         elif self._grads.shape[0] < count:  # new blocks, at their anchor
             extra = count - self._grads.shape[0]
@@ -418,16 +493,17 @@ class SagaGradient:
         if not len(self.prior):
             return params[0].new_zeros(()), params[0].new_zeros(num)
         self._sync(num, params[0].detach())
-        drawn = self.prior.draw_blocks(self.blocks_per_step, self.generator)
-        scale = len(self.prior) / len(drawn)
+        drawn, scales = self.prior.draw(self.blocks_per_step, self.generator, per_experience=self.per_experience)
         terms = self.prior.block_terms(model, drawn)
-        grad = self._grads.sum(0)
+        grad = self._sum.clone()
         value = self._values.sum()
-        for i, (b, term) in enumerate(zip(drawn, terms, strict=True)):
+        for i, (b, term, scale) in enumerate(zip(drawn, terms, scales, strict=True)):
             parts = torch.autograd.grad(term, params, retain_graph=i + 1 < len(terms), allow_unused=True)
             new = torch.cat([torch.zeros_like(p).reshape(-1) if g is None else g.reshape(-1)
                              for p, g in zip(params, parts, strict=True)])
-            grad.add_(new - self._grads[b], alpha=scale)
+            change = new - self._grads[b]
+            grad.add_(change, alpha=scale)
+            self._sum.add_(change)
             value = value + scale * (term.detach() - self._values[b])
             self._grads[b] = new
             self._values[b] = term.detach()
@@ -516,10 +592,15 @@ def _task_curvature(model: nn.Module, task: MemorableTask, form: KernelForm, chu
     return out
 
 
-def term_ggn_product(prior: FunctionalPrior, model: nn.Module, v: Tensor, *, at: Tensor | None = None) -> Tensor:
+def term_ggn_product(
+    prior: FunctionalPrior, model: nn.Module, v: Tensor, *, at: Tensor | None = None, blocks: list[int] | None = None,
+    weights: list[float] | None = None,
+) -> Tensor:
     """A v with A = tau sum_s J_s^T K_s^{-1} J_s, the term's Gauss-Newton matrix at the anchors; flat (P,).
 
-    ``at``: the Jacobians at these flat weights instead of each task's anchor.
+    ``at``: the Jacobians at these flat weights instead of each task's anchor. ``blocks``: the sum
+    over these kernel blocks only (A_b of one drawn block, for the sampled term's stiffness), each
+    times its entry of ``weights`` (default 1).
 
     ``curvature`` is diag(A). Per task one forward-mode product J_s v (a JVP of the memory's
     softmax outputs at the task's anchor) and one reverse-mode product J_s^T u: two passes
@@ -530,7 +611,9 @@ def term_ggn_product(prior: FunctionalPrior, model: nn.Module, v: Tensor, *, at:
     from cl_bayes.jacobians import unflatten
 
     out = torch.zeros_like(v)
-    for task in prior.tasks:
+    tasks = prior.tasks if blocks is None else [prior.tasks[b] for b in blocks]
+    weights = [1.0] * len(tasks) if weights is None else weights
+    for task, weight in zip(tasks, weights, strict=True):
         mask = task.class_mask
 
         def probs(flat: Tensor, task=task, mask=mask) -> Tensor:
@@ -542,38 +625,111 @@ def term_ggn_product(prior: FunctionalPrior, model: nn.Module, v: Tensor, *, at:
             _, jv = jvp(probs, (point,), (v,))
         u = apply_kernel_inverse(jv * mask, task.kernel_inverse, prior.kernel) * mask
         _, pullback = vjp(probs, point)
-        out += pullback(u)[0]
+        out.add_(pullback(u)[0], alpha=weight)
     return out.mul_(prior.tau)
+
+
+def block_quadratic_forms(prior: FunctionalPrior, model: nn.Module, v: Tensor) -> Tensor:
+    """v^T A_b v for every kernel block b, (n_blocks,): tau (J_b v)^T K_b^{-1} (J_b v), J_b at the block's anchor.
+
+    Forward mode only: one JVP per experience (its blocks share the anchor) over its memory, then
+    each block's quadratic form with its inverse kernel; no reverse pass, nothing of size P x M.
+    """
+    from torch.func import jvp
+
+    from cl_bayes.jacobians import unflatten
+
+    out = torch.zeros(len(prior.tasks), dtype=v.dtype, device=v.device)
+    for group in prior.experiences:
+        tasks = [prior.tasks[b] for b in group]
+        inputs = torch.cat([t.inputs for t in tasks])
+        mask = torch.cat([t.class_mask for t in tasks])
+
+        def probs(flat: Tensor, inputs=inputs, mask=mask) -> Tensor:
+            return masked_softmax(functional_call(model, unflatten(model, flat), (inputs,)), mask)
+
+        with warnings.catch_warnings():  # torch's forward-mode AD scripts its decompositions once
+            warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
+            _, jv = jvp(probs, (tasks[0].anchor,), (v,))
+        jv = jv * mask
+        for b, t, part in zip(group, tasks, jv.split([t.inputs.shape[0] for t in tasks]), strict=True):
+            out[b] = prior.tau * (part * apply_kernel_inverse(part, t.kernel_inverse, prior.kernel)).sum()
+    return out
 
 
 def preconditioned_stiffness(
     prior: FunctionalPrior, model: nn.Module, preconditioner: Tensor, *, iters: int = 30, seed: int = 0,
-    at: Tensor | None = None,
+    at: Tensor | None = None, blocks: list[int] | None = None, weights: list[float] | None = None,
 ) -> float:
-    """lambda_max(D^{-1} A) for A of ``term_ggn_product`` and D = ``preconditioner`` (flat, > 0).
+    """lambda_max(D^{-1} A) for A of ``term_ggn_product`` (over ``blocks``) and D = ``preconditioner`` (flat, > 0).
 
     Power iteration on the symmetric D^{-1/2} A D^{-1/2} from a seeded random start; 0 without tasks.
     A step m <- m - alpha D^{-1} grad on the term alone is stable along A's stiffest direction only
     while alpha * lambda_max stays below the momentum's bound (``stable_curvature_scale``).
     """
-    if not prior.tasks:
-        return 0.0
-    if not (preconditioner > 0).all():
-        raise ValueError("the preconditioner must be positive")
-    root = preconditioner.rsqrt()
+    return _top_mode(prior, model, preconditioner, iters=iters, seed=seed, at=at, blocks=blocks, weights=weights)[0]
+
+
+def _top_mode(
+    prior: FunctionalPrior, model: nn.Module, preconditioner: Tensor, *, iters: int, seed: int,
+    at: Tensor | None = None, blocks: list[int] | None = None, weights: list[float] | None = None,
+) -> tuple[float, Tensor]:
+    """(lambda_max, its unit eigenvector) of D^{-1/2} A D^{-1/2} by power iteration; (0, x0) without tasks."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.randn(preconditioner.shape, generator=g).to(preconditioner)
     x /= x.norm()
+    if not prior.tasks:
+        return 0.0, x
+    if not (preconditioner > 0).all():
+        raise ValueError("the preconditioner must be positive")
+    root = preconditioner.rsqrt()
     value = 0.0
     with torch.no_grad():
         for _ in range(iters):
-            y = root * term_ggn_product(prior, model, root * x, at=at)
+            y = root * term_ggn_product(prior, model, root * x, at=at, blocks=blocks, weights=weights)
             value = float(x @ y)
             norm = y.norm()
             if not norm > 0:
-                return 0.0
+                return 0.0, x
             x = y / norm
-    return value
+    return value, x
+
+
+def random_gain_stiffness(mean: float, second_moment: float, beta1: float) -> float:
+    """The deterministic-equivalent stiffness of a momentum step whose gain G along a mode is random.
+
+    One mode, x = (m, u): u' = beta1 u + (1 - beta1) G m, m' = m - u', i.e. x' = (M0 + G N) x.
+    In mean square E[x x^T] evolves by E[(M0 + G N) (x) (M0 + G N)] = M0 (x) M0 + E[G] (M0 (x) N
+    + N (x) M0) + E[G^2] N (x) N, so stability depends on the gain's mean and second moment only.
+    Returns bound / kappa, kappa the largest factor for which the gains kappa G keep the spectral
+    radius below 1 and bound = ``momentum_stability_bound``: a constant gain g gives g, and any
+    spread makes the step stiffer than its mean (a block drawn 1 step in q and scaled by q: 38 q /
+    ``sampled_stability_bound``). 0 for a zero gain.
+    """
+    bound = momentum_stability_bound(beta1)
+    if not mean >= 0 or second_moment < mean * mean * (1 - 1e-9):
+        raise ValueError(f"need mean >= 0 and second moment >= mean^2, got {mean}, {second_moment}")
+    if mean == 0.0 and second_moment == 0.0:
+        return 0.0
+    if second_moment <= mean * mean * (1 + 1e-12):
+        return mean
+    m0 = torch.tensor([[1.0, -beta1], [0.0, beta1]], dtype=torch.float64)
+    n = torch.tensor([[-(1.0 - beta1), 0.0], [1.0 - beta1, 0.0]], dtype=torch.float64)
+    cross = torch.kron(m0, n) + torch.kron(n, m0)
+
+    def radius(kappa: float) -> float:
+        second = torch.kron(m0, m0) + kappa * mean * cross + kappa * kappa * second_moment * torch.kron(n, n)
+        return float(torch.linalg.eigvals(second).abs().max())
+
+    high = bound / mean if mean > 0 else bound / second_moment ** 0.5  # unstable: the mean alone is at the bound
+    low = high * 1e-6
+    for _ in range(50):
+        mid = (low * high) ** 0.5
+        if radius(mid) < 1.0:
+            low = mid
+        else:
+            high = mid
+    return bound / low
 
 
 def momentum_stability_bound(beta1: float) -> float:
@@ -587,6 +743,42 @@ def momentum_stability_bound(beta1: float) -> float:
     return 2.0 * (1.0 + beta1) / (1.0 - beta1)
 
 
+def sampled_stability_bound(beta1: float, q: float) -> float:
+    """The largest per-draw alpha * lambda for which the momentum step stays stable in mean square when the
+    term's gain is q * lambda with probability 1 / q and 0 otherwise (a block drawn 1 in q steps, scaled by q).
+
+    The step on one mode, x = (m, u): u' = beta1 u + (1 - beta1) G m, m' = m - alpha u', i.e. x' = M(G) x.
+    E[x x^T] evolves by the linear map E[M (x) M] = M(q s) (x) M(q s) / q + (1 - 1/q) M(0) (x) M(0), with
+    s = alpha * lambda the mean gain; the bound is q times the largest s with spectral radius < 1
+    (bisection on log s). q = 1 is ``momentum_stability_bound`` (38 at beta1 0.9); a random gain is
+    far less forgiving: 3.8 at q = 2, 2.6 at q = 4, towards 2 as q grows (momentum averages the
+    gain but cannot undo its spread). Measured: a sampled term tuned to the deterministic bound
+    drifted and exploded on split MNIST (docs/BISECTION.md, step 8).
+    """
+    bound = momentum_stability_bound(beta1)
+    if not q >= 1.0:
+        raise ValueError(f"q must be >= 1, got {q}")
+    if q == 1.0:
+        return bound
+
+    def radius(mean_gain: float) -> float:
+        def step(gain: float) -> Tensor:
+            return torch.tensor([[1.0 - (1.0 - beta1) * gain, -beta1], [(1.0 - beta1) * gain, beta1]],
+                                dtype=torch.float64)
+        drawn, idle = step(q * mean_gain), step(0.0)
+        second = torch.kron(drawn, drawn) / q + (1.0 - 1.0 / q) * torch.kron(idle, idle)
+        return float(torch.linalg.eigvals(second).abs().max())
+
+    low, high = 1e-6, bound / q
+    for _ in range(50):
+        mid = (low * high) ** 0.5
+        if radius(mid) < 1.0:
+            low = mid
+        else:
+            high = mid
+    return q * low
+
+
 def stable_curvature_scale(
     prior: FunctionalPrior,
     model: nn.Module,
@@ -598,6 +790,8 @@ def stable_curvature_scale(
     margin: float = 4.0,
     iters: int = 20,
     seed: int = 0,
+    blocks_per_step: int | None = None,
+    per_experience: bool = False,
 ) -> tuple[float, float, float]:
     """(gamma, s_1, s_gamma): the least gamma >= 1 with s_gamma <= bound / ``margin``, where
     s_gamma = step_size * lambda_max((base + gamma c)^{-1} A) and bound = ``momentum_stability_bound``.
@@ -611,23 +805,63 @@ def stable_curvature_scale(
     minimum. ``margin`` leaves room for the stiffness to grow as the weights leave the
     anchors (measured: up to 1.8x within an experience). gamma is found by doubling, then
     bisection on log gamma (6 halvings); each s is a power iteration of ``iters`` products.
+
+    ``blocks_per_step`` k (the sampled term: the drawn blocks' sum weighted by ``FunctionalPrior.draw``,
+    uniformly k of the n blocks or, with ``per_experience``, k of each experience's q_e blocks): a
+    step's term is then a random matrix whose mean is A, and a gain that changes from step to step is
+    less stable than its mean (``random_gain_stiffness``; a block drawn 1 step in q and scaled by q
+    needs a per-draw stiffness below ``sampled_stability_bound``, 3.8 at q = 2 instead of 38).
+    Along a mode u each block b has the gain g_b = step * u^T D^{-1/2} A_b D^{-1/2} u; the step's
+    gain is the Horvitz-Thompson sum of its draw, whose mean and variance (sampling without
+    replacement within each group, independent groups) give s = ``random_gain_stiffness``. The
+    modes checked are A's stiffest and those of the draws taking the j-th block of every group
+    (j < 2), each by power iteration; s is the largest. The target is the same bound / ``margin``.
+    Measured: tuned to A's stiffness alone, a sampled term drifted and exploded on split MNIST
+    (docs/BISECTION.md, step 8).
     """
     if not margin >= 1.0:
         raise ValueError(f"margin must be >= 1, got {margin}")
     if not step_size > 0:
         raise ValueError(f"step_size must be positive, got {step_size}")
     target = momentum_stability_bound(beta1) / margin
+    if blocks_per_step is not None:
+        _check_positive_int("blocks_per_step", blocks_per_step)
+    groups = [list(g) for g in prior.experiences] if per_experience else [list(range(len(prior)))]
+    sampled = blocks_per_step is not None and prior.tasks and any(blocks_per_step < len(g) for g in groups)
 
     def stiffness(gamma: float) -> float:
-        return step_size * preconditioned_stiffness(prior, model, base + gamma * curvature, iters=iters, seed=seed)
+        preconditioner = base + gamma * curvature
+        top, mode = _top_mode(prior, model, preconditioner, iters=iters, seed=seed)
+        if not sampled:
+            return step_size * top
+        modes = [mode]
+        for j in range(min(2, max(len(g) for g in groups))):
+            blocks = [g[j % len(g)] for g in groups]
+            weights = [len(g) / min(blocks_per_step, len(g)) for g in groups]
+            modes.append(_top_mode(prior, model, preconditioner, iters=iters, seed=seed, blocks=blocks,
+                                   weights=weights)[1])
+        root = preconditioner.rsqrt()
+        worst = 0.0
+        for u in modes:
+            mean = variance = 0.0
+            with torch.no_grad():
+                forms = step_size * block_quadratic_forms(prior, model, root * u).double()
+            for g in groups:
+                gains = forms[g]
+                q, k = len(g), min(blocks_per_step, len(g))
+                mean += float(gains.sum())  # E[q / k sum_{drawn} g_b] = sum_b g_b
+                if q > 1:
+                    variance += q * q * (1.0 - k / q) * float(gains.var()) / k
+            worst = max(worst, random_gain_stiffness(max(mean, 0.0), max(mean, 0.0) ** 2 + variance, beta1))
+        return worst
 
     first = stiffness(1.0)
     if first <= target:
         return 1.0, first, first
-    low, high = 1.0, 2.0
+    low, high = 1.0, 2.0 if not sampled else max(2.0, first / target)  # sampled: s ~ 1 / gamma, jump there
     value = stiffness(high)
     while value > target:
-        low, high = high, high * 2.0
+        low, high = high, high * (2.0 if not sampled else max(2.0, value / target))
         if high > 1e8:
             raise ValueError("the term's curvature cannot make its step stable (is c zero in A's stiff directions?)")
         value = stiffness(high)

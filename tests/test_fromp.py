@@ -327,6 +327,62 @@ def test_sampled_term_is_unbiased_for_the_blocked_term(form):
     assert (err <= 4 * grads.std(0) / 3000**0.5 + 1e-12).all()
 
 
+def _equal_blocks_prior(form: str = "block") -> tuple[FunctionalPrior, nn.Module]:
+    """Two experiences of 6 memorable points, block_size 2: three equal blocks each; then the weights move."""
+    model = _mlp()
+    prior = FunctionalPrior(tau=2.0, kernel=form, eps=1e-4, block_size=2)
+    g = torch.Generator().manual_seed(4)
+    for classes in ((0, 1), (2, 3)):
+        prior.add_task(model, _posterior(model), torch.randn(6, D_IN, generator=g), class_mask=_task_masks(6, classes))
+        _perturb(model, scale=0.1)
+    _perturb(model, scale=0.3, seed=6)
+    return prior, model
+
+
+@pytest.mark.parametrize("form", ["block", "full", "identity"])
+def test_per_experience_draw_is_stratified_and_unbiased(form):
+    """One block of each experience per draw, weighted 3 (its experience's block count): the average over the
+    9 equally likely draws is the blocked term, value and gradient; random draws cover every pair."""
+    from itertools import product
+
+    prior, model = _equal_blocks_prior(form)
+    assert prior.experiences == [[0, 1, 2], [3, 4, 5]]
+    params = list(model.parameters())
+
+    def value_and_grad(blocks, weights):
+        value = prior(model, blocks=blocks, weights=weights)
+        return value.detach(), torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, params)])
+
+    full_value, full_grad = value_and_grad(None, None)
+    draws = [value_and_grad([a, b], [3.0, 3.0]) for a, b in product(range(3), range(3, 6))]
+    assert torch.allclose(torch.stack([v for v, _ in draws]).mean(), full_value, rtol=1e-10)
+    assert torch.allclose(torch.stack([g for _, g in draws]).mean(0), full_grad, rtol=1e-8, atol=1e-12)
+    gen = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(200):
+        blocks, weights = prior.draw(1, gen, per_experience=True)
+        assert len(blocks) == 2 and blocks[0] in (0, 1, 2) and blocks[1] in (3, 4, 5) and weights == [3.0, 3.0]
+        seen.add(tuple(blocks))
+    assert len(seen) == 9
+    assert prior.draw(5, gen, per_experience=True) == ([0, 1, 2, 3, 4, 5], [1.0] * 6)  # all: the exact term
+    blocks, weights = prior.draw(2, gen)  # uniform: 2 of 6, weighted 3
+    assert len(set(blocks)) == 2 and weights == [3.0, 3.0]
+
+
+@pytest.mark.parametrize("form", ["block", "full"])
+def test_batched_sum_over_equal_blocks_equals_the_loop_over_blocks(form):
+    prior, model = _equal_blocks_prior(form)
+    params = list(model.parameters())
+    blocks, weights = [0, 4, 5], [3.0, 1.5, 0.5]
+    batched = prior(model, blocks=blocks, weights=weights)  # equal sizes: the batched path
+    looped = sum(w * t for w, t in zip(weights, prior.block_terms(model, blocks), strict=True))
+    torch.testing.assert_close(batched, looped, rtol=1e-10, atol=1e-14)
+    for a, b in zip(torch.autograd.grad(batched, params), torch.autograd.grad(looped, params), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-14)
+    with pytest.raises(ValueError, match="weights"):
+        prior(model, blocks=[0, 1], weights=[1.0])
+
+
 def test_draw_blocks_is_uniform_and_validates():
     prior, model = _blocked_prior(3)
     gen = torch.Generator().manual_seed(1)
@@ -343,6 +399,62 @@ def test_draw_blocks_is_uniform_and_validates():
         prior(model, blocks=[1, 1])
     with pytest.raises(ValueError, match="block_size"):
         FunctionalPrior(tau=1.0, block_size=0)
+
+
+def test_sampled_stiffness_is_the_random_gains_equivalent_along_the_stiffest_modes():
+    """One of two blocks drawn per step, weighted 2: the gain along a mode u is 2 g_0 or 2 g_1 (g_b = u^T B_b u,
+    B_b = D^-1/2 A_b D^-1/2 from the dense Hessians); s is random_gain_stiffness of that gain's mean and second
+    moment, maximised over the modes of B_0 + B_1, 2 B_0 and 2 B_1; every block drawn is the exact term."""
+    import copy
+
+    from cl_bayes.fromp import random_gain_stiffness, stable_curvature_scale
+
+    model, posterior, prior = _two_task_prior("block", tau=50.0)
+    c = prior.curvature(model)
+    base = torch.full_like(c, 1e-2)
+    root = (base + c).rsqrt()
+    scaled = []
+    for task in prior.tasks:  # each block's dense Hessian at its anchor, from the explicit term
+        alone = copy.copy(prior)
+        alone.tasks = [task]
+        hessian = torch.autograd.functional.hessian(
+            lambda w, alone=alone: _explicit_term(alone, model, w), posterior.mean
+        )
+        scaled.append(root[:, None] * hessian * root[None, :])
+    step = 1e-9
+    expected = 0.0
+    for matrix in (scaled[0] + scaled[1], 2 * scaled[0], 2 * scaled[1]):
+        u = torch.linalg.eigh(matrix).eigenvectors[:, -1]
+        g0, g1 = (step * float(u @ b @ u) for b in scaled)
+        expected = max(expected, random_gain_stiffness(g0 + g1, (g0 + g1) ** 2 + (g0 - g1) ** 2, 0.9))
+    full = stable_curvature_scale(prior, model, base=base, curvature=c, step_size=step, beta1=0.9, iters=300)
+    drawn = stable_curvature_scale(prior, model, base=base, curvature=c, step_size=step, beta1=0.9, iters=300,
+                                   blocks_per_step=1)
+    assert drawn[1] == pytest.approx(expected, rel=1e-3)
+    assert full[1] == pytest.approx(step * float(torch.linalg.eigvalsh(scaled[0] + scaled[1]).max()), rel=1e-4)
+    assert drawn[1] > 2 * full[1]  # two blocks with different stiff directions: the random gain is far stiffer
+    every = stable_curvature_scale(prior, model, base=base, curvature=c, step_size=step, beta1=0.9, iters=300,
+                                   blocks_per_step=2)  # every block drawn: the exact term
+    assert every[1] == pytest.approx(full[1], rel=1e-9)
+    big = 20.0 * (38.0 / 4.0) / (drawn[1] / step)  # 20x past the target for the sampled term
+    gamma_drawn = stable_curvature_scale(prior, model, base=base, curvature=c, step_size=big, beta1=0.9,
+                                         blocks_per_step=1)[0]
+    gamma_full = stable_curvature_scale(prior, model, base=base, curvature=c, step_size=big, beta1=0.9)[0]
+    assert gamma_drawn > gamma_full
+    with pytest.raises(ValueError, match="blocks_per_step"):
+        stable_curvature_scale(prior, model, base=base, curvature=c, step_size=big, beta1=0.9, blocks_per_step=0)
+
+
+def test_random_gain_stiffness_of_a_constant_gain_is_the_gain_and_of_a_drawn_block_the_sampled_bound():
+    from cl_bayes.fromp import random_gain_stiffness, sampled_stability_bound
+
+    assert random_gain_stiffness(5.0, 25.0, 0.9) == 5.0
+    assert random_gain_stiffness(0.0, 0.0, 0.9) == 0.0
+    for q in (2, 4, 8):  # gain q w.p. 1/q: mean 1, second moment q
+        assert random_gain_stiffness(1.0, float(q), 0.9) == pytest.approx(38.0 * q / sampled_stability_bound(0.9, q),
+                                                                          rel=1e-9)
+    with pytest.raises(ValueError, match="second moment"):
+        random_gain_stiffness(2.0, 1.0, 0.9)
 
 
 def test_saga_gradient_is_unbiased_and_exact_once_every_block_was_seen_at_fixed_weights():
@@ -491,6 +603,17 @@ def test_term_ggn_product_is_the_terms_hessian_at_the_anchor(form):
     assert not torch.allclose(term_ggn_product(prior, model, v, at=elsewhere), term_ggn_product(prior, model, v))
 
 
+@pytest.mark.parametrize("form", ["block", "full", "identity"])
+def test_block_quadratic_forms_are_each_blocks_v_a_v(form):
+    from cl_bayes.fromp import block_quadratic_forms, term_ggn_product
+
+    prior, model = _equal_blocks_prior(form)
+    v = torch.randn(sum(p.numel() for p in model.parameters()), generator=torch.Generator().manual_seed(7),
+                    dtype=torch.float64)
+    expected = torch.stack([v @ term_ggn_product(prior, model, v, blocks=[b]) for b in range(len(prior))])
+    torch.testing.assert_close(block_quadratic_forms(prior, model, v), expected, rtol=1e-8, atol=1e-14)
+
+
 def test_preconditioned_stiffness_is_the_top_eigenvalue():
     from cl_bayes.fromp import preconditioned_stiffness
 
@@ -524,6 +647,30 @@ def test_momentum_stability_bound_separates_decay_from_growth(beta1):
     assert final(0.97 * bound) < 1.0 < final(1.03 * bound)
     with pytest.raises(ValueError):
         momentum_stability_bound(1.0)
+
+
+@pytest.mark.parametrize("q", [2.0, 4.0])
+def test_sampled_stability_bound_separates_decay_from_growth_in_mean_square(q):
+    """Monte Carlo over paths of the momentum step whose gain is q * s 1 step in q: E[m^2] decays below, grows above."""
+    from cl_bayes.fromp import momentum_stability_bound, sampled_stability_bound
+
+    beta1 = 0.9
+    bound = sampled_stability_bound(beta1, q)
+    assert sampled_stability_bound(beta1, 1.0) == momentum_stability_bound(beta1)
+    assert 2.0 < bound < momentum_stability_bound(beta1) / 5  # far below the deterministic 38
+
+    def mean_square(per_draw: float, steps: int = 400, paths: int = 20_000) -> float:
+        gen = torch.Generator().manual_seed(0)
+        m, u = torch.ones(paths, dtype=torch.float64), torch.zeros(paths, dtype=torch.float64)
+        for _ in range(steps):
+            gain = per_draw * (torch.rand(paths, generator=gen, dtype=torch.float64) < 1.0 / q)
+            u = beta1 * u + (1.0 - beta1) * gain * m
+            m = m - u
+        return float(m.square().mean())
+
+    assert mean_square(0.8 * bound) < 1.0 < mean_square(1.25 * bound)
+    with pytest.raises(ValueError, match="q"):
+        sampled_stability_bound(beta1, 0.5)
 
 
 def test_stable_curvature_scale_is_the_least_stable_scale():

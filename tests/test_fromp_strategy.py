@@ -279,3 +279,35 @@ def test_curvature_is_scaled_at_an_experiences_first_step_until_the_terms_step_i
         assert unscaled > target  # the scaling was needed (c alone leaves the step past the target)
     with pytest.raises(ValueError, match="stiffness_margin"):
         make_strategy(bundle, stiffness_margin=0.5)
+
+
+def test_sampled_term_draws_every_past_experience_and_is_scaled_for_its_random_gain(bundle):
+    """block_size + blocks_per_step: each step's term is one block of each past experience, weighted by its
+    block count (per_experience, the default), and the curvature scale is chosen for that draw's random gain:
+    larger than the exact term's on the same run."""
+    gammas = {}
+    for sampled in (False, True):
+        kwargs = {"block_size": 2, "blocks_per_step": 1} if sampled else {}
+        strategy, fromp = make_strategy(bundle, tau=10.0, lr=1.0, **kwargs)
+        draws = []
+        if sampled:
+            original = fromp.prior.draw
+
+            def spy(count, generator=None, *, per_experience=False, original=original):
+                out = original(count, generator, per_experience=per_experience)
+                draws.append((out, [list(g) for g in fromp.prior.experiences]))
+                return out
+
+            fromp.prior.draw = spy
+        for exp in bundle.benchmark.train_stream[:3]:
+            strategy.train(exp)
+        gammas[sampled] = [r["gamma"] for r in fromp.curvature_scales]
+        if sampled:
+            assert draws and fromp._saga is None  # block_estimator "scaled" by default
+            for (blocks, weights), groups in draws:
+                assert len(blocks) == len(groups)  # one block of each past experience
+                for block, weight, group in zip(blocks, weights, groups, strict=True):
+                    assert block in group and weight == len(group)
+            assert {len(groups) for _, groups in draws} == {1, 2}  # experiences 2 and 3
+    assert len(gammas[True]) == len(gammas[False]) == 2
+    assert all(s > e for s, e in zip(gammas[True], gammas[False], strict=True))

@@ -35,6 +35,7 @@ from avalanche.training.supervised import Naive
 from cl_bayes.avalanche.bayes_strategies import IVONParams, IVONPriorParams, ivon_strategy
 from cl_bayes.avalanche.fromp_plugin import (
     ANCHORS,
+    BLOCK_ESTIMATORS,
     ESTIMATORS,
     SELECTIONS,
     TERM_AT,
@@ -77,9 +78,17 @@ class FunctionalParams:
     # momentum's stability bound (cl_bayes.fromp.stable_curvature_scale; None: never scale)
     block_size: int | None = None  # split each experience's memory into kernel blocks of this many points (None: one)
     blocks_per_step: int | None = None  # blocks per step, SAGA estimate (None: exact; sampled collapsed: BISECTION 4)
+    per_experience: bool = True  # blocks_per_step of *each* past experience's blocks per step (stratified draw)
+    block_estimator: str = "scaled"  # the sampled gradient: scaled (drawn blocks, weighted) or saga (collapsed)
     refresh_every: int | None = None  # exact term every k steps, its diagonal quadratic model between (None: each)
 
     def __post_init__(self):
+        if self.block_estimator not in BLOCK_ESTIMATORS:
+            raise ValueError(
+                f"block_estimator must be one of {', '.join(BLOCK_ESTIMATORS)}, got {self.block_estimator!r}"
+            )
+        if not isinstance(self.per_experience, bool):
+            raise ValueError(f"per_experience must be true or false, got {self.per_experience!r}")
         if not isinstance(self.term_curvature, bool):
             raise ValueError(f"term_curvature must be true or false, got {self.term_curvature!r}")
         if self.posterior not in ("ivon", "laplace"):
@@ -118,7 +127,8 @@ def functional_plugin(ctx: BuildContext) -> FunctionalRegularisationPlugin:
         tau=p.tau, memory_size=p.memory_size, kernel=p.kernel, eps=p.eps, selection=p.selection,
         estimator=p.estimator, seed=ctx.config.seed, laplace=laplace, anchor=p.anchor, term_at=p.term_at,
         term_curvature=p.term_curvature, stiffness_margin=p.stiffness_margin, block_size=p.block_size,
-        blocks_per_step=p.blocks_per_step, refresh_every=p.refresh_every,
+        blocks_per_step=p.blocks_per_step, per_experience=p.per_experience, block_estimator=p.block_estimator,
+        refresh_every=p.refresh_every,
     )
 
 
