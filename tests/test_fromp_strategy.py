@@ -293,9 +293,9 @@ def test_sampled_term_draws_every_past_experience_and_is_scaled_for_its_random_g
         if sampled:
             original = fromp.prior.draw
 
-            def spy(count, generator=None, *, per_experience=False, original=original):
+            def spy(count, generator=None, *, per_experience=False, original=original, draws=draws, prior=fromp.prior):
                 out = original(count, generator, per_experience=per_experience)
-                draws.append((out, [list(g) for g in fromp.prior.experiences]))
+                draws.append((out, [list(g) for g in prior.experiences]))
                 return out
 
             fromp.prior.draw = spy
