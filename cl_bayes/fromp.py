@@ -183,7 +183,9 @@ def apply_kernel_inverse(residual: Tensor, kernel_inverse: Tensor | None, form: 
     if form == "identity":
         return residual
     if form == "block":
-        return torch.einsum("cij,jc->ic", kernel_inverse, residual)
+        # (K_c^{-1} r_c)_i as a broadcast product and sum: the same numbers as einsum("cij,jc->ic"), whose batched
+        # matrix-vector product was 5x slower on CPU (3.5 of 13 ms per step at experience 10 of permuted MNIST)
+        return (kernel_inverse * residual.T.unsqueeze(1)).sum(-1).T
     return torch.einsum("icd,id->ic", kernel_inverse, residual)
 
 
