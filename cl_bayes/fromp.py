@@ -749,36 +749,20 @@ def sampled_stability_bound(beta1: float, q: float) -> float:
     """The largest per-draw alpha * lambda for which the momentum step stays stable in mean square when the
     term's gain is q * lambda with probability 1 / q and 0 otherwise (a block drawn 1 in q steps, scaled by q).
 
-    The step on one mode, x = (m, u): u' = beta1 u + (1 - beta1) G m, m' = m - alpha u', i.e. x' = M(G) x.
-    E[x x^T] evolves by the linear map E[M (x) M] = M(q s) (x) M(q s) / q + (1 - 1/q) M(0) (x) M(0), with
-    s = alpha * lambda the mean gain; the bound is q times the largest s with spectral radius < 1
-    (bisection on log s). q = 1 is ``momentum_stability_bound`` (38 at beta1 0.9); a random gain is
-    far less forgiving: 3.8 at q = 2, 2.6 at q = 4, towards 2 as q grows (momentum averages the
-    gain but cannot undo its spread). Measured: a sampled term tuned to the deterministic bound
-    drifted and exploded on split MNIST (docs/BISECTION.md, step 8).
+    The gain G = q lambda 1 step in q has mean lambda and second moment q lambda^2, so by
+    ``random_gain_stiffness`` the step is as stiff as a fixed gain r lambda, r = ``random_gain_stiffness(1, q)``,
+    and stable while r lambda alpha < bound: the per-draw bound is q * bound / r. q = 1 is
+    ``momentum_stability_bound`` (38 at beta1 0.9); a random gain is far less forgiving: 3.8 at
+    q = 2, 2.6 at q = 4, towards 2 as q grows (momentum averages the gain but cannot undo its
+    spread). Measured: a sampled term tuned to the deterministic bound drifted and exploded on
+    split MNIST (docs/BISECTION.md, step 8).
     """
     bound = momentum_stability_bound(beta1)
     if not q >= 1.0:
         raise ValueError(f"q must be >= 1, got {q}")
     if q == 1.0:
         return bound
-
-    def radius(mean_gain: float) -> float:
-        def step(gain: float) -> Tensor:
-            return torch.tensor([[1.0 - (1.0 - beta1) * gain, -beta1], [(1.0 - beta1) * gain, beta1]],
-                                dtype=torch.float64)
-        drawn, idle = step(q * mean_gain), step(0.0)
-        second = torch.kron(drawn, drawn) / q + (1.0 - 1.0 / q) * torch.kron(idle, idle)
-        return float(torch.linalg.eigvals(second).abs().max())
-
-    low, high = 1e-6, bound / q
-    for _ in range(50):
-        mid = (low * high) ** 0.5
-        if radius(mid) < 1.0:
-            low = mid
-        else:
-            high = mid
-    return q * low
+    return q * bound / random_gain_stiffness(1.0, float(q), beta1)
 
 
 def stable_curvature_scale(

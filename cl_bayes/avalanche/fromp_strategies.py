@@ -77,7 +77,7 @@ class FunctionalParams:
     stiffness_margin: float | None = 4.0  # scale that curvature until the term's stiffest mode is this far from the
     # momentum's stability bound (cl_bayes.fromp.stable_curvature_scale; None: never scale)
     block_size: int | None = None  # split each experience's memory into kernel blocks of this many points (None: one)
-    blocks_per_step: int | None = None  # blocks per step, SAGA estimate (None: exact; sampled collapsed: BISECTION 4)
+    blocks_per_step: int | None = None  # blocks per step (None: exact; sampled holds split, not permuted: BISECTION 8)
     per_experience: bool = True  # blocks_per_step of *each* past experience's blocks per step (stratified draw)
     block_estimator: str = "scaled"  # the sampled gradient: scaled (drawn blocks, weighted) or saga (collapsed)
     refresh_every: int | None = None  # exact term every k steps, its diagonal quadratic model between (None: each)
