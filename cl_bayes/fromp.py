@@ -724,7 +724,11 @@ def random_gain_stiffness(mean: float, second_moment: float, beta1: float) -> fl
         return float(torch.linalg.eigvals(second).abs().max())
 
     high = bound / mean if mean > 0 else bound / second_moment ** 0.5  # unstable: the mean alone is at the bound
-    low = high * 1e-6
+    low = high / 2.0
+    while radius(low) >= 1.0:  # bracket: halve until stable (the spread can push kappa far below bound / mean)
+        high, low = low, low / 2.0
+        if low < 1e-300:
+            raise ValueError(f"no stable gain scale for mean {mean}, second moment {second_moment}")
     for _ in range(50):
         mid = (low * high) ** 0.5
         if radius(mid) < 1.0:

@@ -450,6 +450,8 @@ def test_random_gain_stiffness_of_a_constant_gain_is_the_gain_and_grows_with_the
     spreads = [random_gain_stiffness(1.0, m, 0.9) for m in (1.0, 1.5, 2.0, 4.0)]
     assert spreads[0] == 1.0 and all(a < b for a, b in zip(spreads, spreads[1:], strict=False))
     assert random_gain_stiffness(2.0, 8.0, 0.9) == pytest.approx(2.0 * random_gain_stiffness(1.0, 2.0, 0.9))
+    for q in (1e3, 1e6, 1e9):  # a gain q 1 step in q: s(1, q) = 19 q - 18 at beta1 0.9 (the bracket must reach it)
+        assert random_gain_stiffness(1.0, q, 0.9) == pytest.approx(19 * q - 18, rel=1e-6)
     with pytest.raises(ValueError, match="second moment"):
         random_gain_stiffness(2.0, 1.0, 0.9)
 
