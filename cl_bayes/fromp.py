@@ -116,7 +116,7 @@ class MemorableTask:
     anchor: Tensor  # mu_s, the flat posterior mean at which m_s and K_s were computed (P,)
 
 
-def _check_positive_int(name: str, value) -> None:
+def check_positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
@@ -178,15 +178,18 @@ def _inverse(kernel: Tensor) -> Tensor:
 
 
 def apply_kernel_inverse(residual: Tensor, kernel_inverse: Tensor | None, form: KernelForm) -> Tensor:
-    """K^{-1} r for a residual r of shape (M, C), in the layout of ``form``; (M, C)."""
+    """K^{-1} r for a residual r of shape (..., M, C), in the layout of ``form``; (..., M, C).
+
+    Leading dimensions batch over blocks (``kernel_inverse`` (..., C, M, M) for block, (..., M, C, C) for full).
+    """
     _check_form(form)
     if form == "identity":
         return residual
     if form == "block":
         # (K_c^{-1} r_c)_i as a broadcast product and sum: the same numbers as einsum("cij,jc->ic"), whose batched
-        # matrix-vector product was 5x slower on CPU (3.5 of 13 ms per step at experience 10 of permuted MNIST)
-        return (kernel_inverse * residual.T.unsqueeze(1)).sum(-1).T
-    return torch.einsum("icd,id->ic", kernel_inverse, residual)
+        # matrix-vector product was ~5x slower on CPU (benchmarks/test_fromp_speed.py: the exact step 12.95 -> 11.78 ms)
+        return (kernel_inverse * residual.transpose(-1, -2).unsqueeze(-2)).sum(-1).transpose(-1, -2)
+    return torch.einsum("...icd,...id->...ic", kernel_inverse, residual)
 
 
 class FunctionalPrior:
@@ -207,7 +210,7 @@ class FunctionalPrior:
     ) -> None:
         _check_form(kernel)
         if block_size is not None:
-            _check_positive_int("block_size", block_size)
+            check_positive_int("block_size", block_size)
         if tau < 0:
             raise ValueError(f"tau must be non-negative, got {tau}")
         if eps < 0 or (eps == 0 and kernel != "identity"):
@@ -293,7 +296,7 @@ class FunctionalPrior:
 
     def draw_blocks(self, count: int, generator: torch.Generator | None = None) -> list[int]:
         """``count`` distinct block indices, uniformly at random (all of them if count >= len(self))."""
-        _check_positive_int("count", count)
+        check_positive_int("count", count)
         if count >= len(self.tasks):
             return list(range(len(self.tasks)))
         return torch.randperm(len(self.tasks), generator=generator)[:count].sort().values.tolist()
@@ -307,7 +310,7 @@ class FunctionalPrior:
         ``per_experience``: ``count`` of each experience's q blocks, weighted q / count, so that
         every past experience's function is held at every step (stratified sampling).
         """
-        _check_positive_int("count", count)
+        check_positive_int("count", count)
         if not per_experience:
             blocks = self.draw_blocks(count, generator)
             return blocks, [len(self.tasks) / len(blocks)] * len(blocks)
@@ -426,7 +429,7 @@ class FunctionalPrior:
 
         The same value and gradient as ``block_terms`` (r . v - r_detached . v / 2 with v = K^{-1} r
         detached), without a Python loop over the blocks: what a sampled step draws (equal blocks
-        of every experience) costs one forward pass and one einsum.
+        of every experience) costs one forward pass and one batched kernel product.
         """
         inputs = torch.cat([t.inputs for t in tasks])
         mask = torch.cat([t.class_mask for t in tasks])
@@ -434,11 +437,7 @@ class FunctionalPrior:
         n, size = len(tasks), tasks[0].inputs.shape[0]
         r = (masked_softmax(logits, mask) - torch.cat([t.probs for t in tasks])).view(n, size, -1)
         fixed = r.detach()
-        inverse = torch.stack([t.kernel_inverse for t in tasks])
-        if self.kernel == "block":  # (n, C, M, M)
-            v = torch.einsum("ncij,njc->nic", inverse, fixed)
-        else:  # full: (n, M, C, C)
-            v = torch.einsum("nicd,nid->nic", inverse, fixed)
+        v = apply_kernel_inverse(fixed, torch.stack([t.kernel_inverse for t in tasks]), self.kernel)
         w = torch.tensor(weights, dtype=r.dtype, device=r.device).view(n, 1, 1)
         return self.tau * (w * (r * v - 0.5 * fixed * v)).sum()
 
@@ -467,7 +466,7 @@ class SagaGradient:
         self, prior: FunctionalPrior, *, blocks_per_step: int, generator: torch.Generator | None = None,
         per_experience: bool = False,
     ):
-        _check_positive_int("blocks_per_step", blocks_per_step)
+        check_positive_int("blocks_per_step", blocks_per_step)
         self.prior = prior
         self.blocks_per_step = blocks_per_step
         self.per_experience = bool(per_experience)  # blocks_per_step of each experience's blocks (FunctionalPrior.draw)
@@ -534,7 +533,7 @@ class RefreshedGradient:
     """
 
     def __init__(self, prior: FunctionalPrior, *, refresh_every: int):
-        _check_positive_int("refresh_every", refresh_every)
+        check_positive_int("refresh_every", refresh_every)
         self.prior = prior
         self.refresh_every = refresh_every
         self._since = 0  # steps since the last refresh
@@ -815,21 +814,22 @@ def stable_curvature_scale(
         raise ValueError(f"step_size must be positive, got {step_size}")
     target = momentum_stability_bound(beta1) / margin
     if blocks_per_step is not None:
-        _check_positive_int("blocks_per_step", blocks_per_step)
+        check_positive_int("blocks_per_step", blocks_per_step)
     groups = [list(g) for g in prior.experiences] if per_experience else [list(range(len(prior)))]
-    sampled = blocks_per_step is not None and prior.tasks and any(blocks_per_step < len(g) for g in groups)
+    sampled = blocks_per_step is not None and bool(prior.tasks) and any(blocks_per_step < len(g) for g in groups)
+    if sampled:  # the draws whose stiffest modes are checked: the j-th block of every group, j < 2
+        weights = [len(g) / min(blocks_per_step, len(g)) for g in groups]
+        draws = [[g[j % len(g)] for g in groups] for j in range(min(2, max(len(g) for g in groups)))]
 
     def stiffness(gamma: float) -> float:
         preconditioner = base + gamma * curvature
         top, mode = _top_mode(prior, model, preconditioner, iters=iters, seed=seed)
         if not sampled:
             return step_size * top
-        modes = [mode]
-        for j in range(min(2, max(len(g) for g in groups))):
-            blocks = [g[j % len(g)] for g in groups]
-            weights = [len(g) / min(blocks_per_step, len(g)) for g in groups]
-            modes.append(_top_mode(prior, model, preconditioner, iters=iters, seed=seed, blocks=blocks,
-                                   weights=weights)[1])
+        modes = [mode] + [
+            _top_mode(prior, model, preconditioner, iters=iters, seed=seed, blocks=blocks, weights=weights)[1]
+            for blocks in draws
+        ]
         root = preconditioner.rsqrt()
         worst = 0.0
         for u in modes:

@@ -181,7 +181,8 @@ def test_specs_resolve_with_the_documented_memory_sizes(make_config):
         assert make_config(strategy, benchmark="split-mnist-ci").params["memory_size"] == 40
         assert make_config(strategy, benchmark="permuted-mnist").params["memory_size"] == 200
         assert make_config(strategy).params["selection"] == "sensitivity"
-    for bad in ({"kernel": "diag"}, {"selection": "best"}, {"tau": -1.0}, {"eps": 0.0}, {"memory_size": 0}):
+    for bad in ({"kernel": "diag"}, {"selection": "best"}, {"tau": -1.0}, {"eps": 0.0}, {"memory_size": 0},
+                {"blocks_per_step": 0}, {"block_size": 0}, {"block_estimator": "exact"}):
         with pytest.raises(ConfigError):
             make_config("ivon-fromp", **bad)
 

@@ -125,7 +125,14 @@ from torch import Tensor
 
 from cl_bayes.avalanche.memory import SELECTIONS, ExperienceData, Selector, experience_data, make_selector
 from cl_bayes.avalanche.models import class_mask, unwrap
-from cl_bayes.fromp import FunctionalPrior, KernelForm, RefreshedGradient, SagaGradient, stable_curvature_scale
+from cl_bayes.fromp import (
+    FunctionalPrior,
+    KernelForm,
+    RefreshedGradient,
+    SagaGradient,
+    check_positive_int,
+    stable_curvature_scale,
+)
 from cl_bayes.laplace import DiagonalLaplace
 
 ESTIMATORS = ("last_layer", "exact", "samples")
@@ -232,7 +239,7 @@ class FunctionalRegularisationPlugin(SupervisedPlugin):
         self.block_estimator = block_estimator
         self._generator = torch.Generator().manual_seed(seed)  # the blocks drawn per step; not the global RNG
         if blocks_per_step is not None:
-            SagaGradient(self.prior, blocks_per_step=blocks_per_step)  # validates blocks_per_step
+            check_positive_int("blocks_per_step", blocks_per_step)
         self._saga = (
             None if blocks_per_step is None or block_estimator != "saga"
             else SagaGradient(self.prior, blocks_per_step=blocks_per_step, generator=self._generator,

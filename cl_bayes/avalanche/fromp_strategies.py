@@ -43,7 +43,7 @@ from cl_bayes.avalanche.fromp_plugin import (
 )
 from cl_bayes.avalanche.ivon_strategy import NaturalParameterAccumulation
 from cl_bayes.avalanche.strategies import BuildContext, register, with_plugins
-from cl_bayes.fromp import KERNEL_FORMS
+from cl_bayes.fromp import KERNEL_FORMS, check_positive_int
 from cl_bayes.laplace import DiagonalLaplace
 
 
@@ -87,6 +87,9 @@ class FunctionalParams:
             raise ValueError(
                 f"block_estimator must be one of {', '.join(BLOCK_ESTIMATORS)}, got {self.block_estimator!r}"
             )
+        for name in ("block_size", "blocks_per_step"):
+            if getattr(self, name) is not None:
+                check_positive_int(name, getattr(self, name))
         if not isinstance(self.per_experience, bool):
             raise ValueError(f"per_experience must be true or false, got {self.per_experience!r}")
         if not isinstance(self.term_curvature, bool):
