@@ -11,7 +11,13 @@ from torch.distributions import Normal, kl_divergence
 
 from cl_bayes.avalanche import runner
 from cl_bayes.avalanche.benchmarks import build_benchmark
-from cl_bayes.avalanche.vcl_strategy import VCLCoresetParams, VCLParams, VCLStrategy
+from cl_bayes.avalanche.vcl_strategy import (
+    VCLCoresetParams,
+    VCLParams,
+    VCLStrategy,
+    truncated_normal_init,
+    variance_adam_group,
+)
 from cl_bayes.config import ConfigError
 from cl_bayes.posterior import DiagonalGaussian
 from cl_bayes.vcl import (
@@ -301,6 +307,8 @@ def test_prediction_averages_samples_and_zero_samples_is_the_mean(make_config, m
     (VCLParams, "prior_var", float("inf")),
     (VCLParams, "init_std", -0.1),
     (VCLParams, "ml_init_epochs", -1),
+    (VCLParams, "variance_parametrisation", "var"),
+    (VCLParams, "init_mean_std", 0.0),
     (VCLCoresetParams, "memory_size", 0),
     (VCLCoresetParams, "coreset_epochs", -2),
 ])
@@ -317,3 +325,43 @@ def test_invalid_values_are_config_errors_and_the_strategy_checks_too(make_confi
         VCLStrategy(model=model, mc_samples=0)
     with pytest.raises(ValueError, match="lr"):
         VCLStrategy(model=model, lr=0.0)
+
+
+# --- 4. VCL's code: log-variance under Adam, truncated-normal initial means ----------------
+
+
+def test_adam_on_log_std_with_the_log_var_group_is_adam_on_the_log_variance():
+    """VCL's code optimises v = 2 log_std; our log_std group must take exactly the same path."""
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(40, generator=g, dtype=torch.float64)
+    scale = torch.rand(40, generator=g, dtype=torch.float64) * 10 + 0.1
+
+    def loss_of_log_std(s):  # any smooth function of the standard deviations
+        return (scale * (torch.exp(s) - target.abs()).square()).sum() + torch.exp(-2 * s).sum() * 1e-3
+
+    log_var = torch.full((40,), -6.0, dtype=torch.float64, requires_grad=True)
+    reference = torch.optim.Adam([log_var], lr=1e-2, eps=1e-8)
+    log_std = torch.full((40,), -3.0, dtype=torch.float64, requires_grad=True)
+    ours = torch.optim.Adam([{"params": [log_std], **variance_adam_group(1e-2, "log_var")}], lr=1e-2)
+    for _ in range(200):
+        for opt, loss in ((reference, loss_of_log_std(log_var / 2)), (ours, loss_of_log_std(log_std))):
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    assert torch.allclose(log_std, log_var / 2, rtol=0, atol=1e-10)
+    assert not torch.allclose(log_std, torch.full_like(log_std, -3.0))  # it moved
+    plain = variance_adam_group(1e-2, "log_std")
+    assert plain["lr"] == 1e-2 and plain["eps"] == 1e-8
+    with pytest.raises(ValueError, match="variance_parametrisation"):
+        variance_adam_group(1e-2, "var")
+
+
+def test_truncated_normal_init_covers_weights_and_biases_within_two_std():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(300, 200), torch.nn.ReLU(), torch.nn.Linear(200, 10))
+    truncated_normal_init(model, 0.1)
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    assert flat.abs().max() <= 0.2
+    # N(0, 0.1^2) truncated at +-2 std has standard deviation 0.1 * 0.8796
+    assert float(flat.std()) == pytest.approx(0.08796, rel=0.02)
+    assert float(model[2].bias.abs().min()) > 0  # biases are drawn too, not left at zero

@@ -19,7 +19,21 @@ coreset algorithm) is in ``cl_bayes.vcl``. ``VCLStrategy`` is Avalanche's
   last sample's output.
 * **Optimizer** (``make_optimizer``): Avalanche 0.6 rebuilds its optimizer over
   ``model.parameters()`` only; here every experience gets a fresh Adam (as VCL)
-  over the means *and* ``log_std``, at ``lr``.
+  over the means *and* ``log_std``, at ``lr``. Adam is not invariant to how the
+  variances are parametrised, and VCL's code optimises the log-*variance*
+  ``v = 2 log_std``: ``variance_parametrisation = "log_var"`` (the default) runs
+  exactly that path, as Adam on ``log_std`` at ``(lr / 2, 2 eps)``
+  (``variance_adam_group``). It matters: Adam moves every parameter at about
+  ``lr`` per step whatever its gradient's size, so where the likelihood is flat
+  the tiny ``KL / N_t`` gradient grows the standard deviation towards the prior's
+  at that rate, and the next experience's prior no longer holds the weight.
+  On log-std it grows twice as fast, and split MNIST forgets its first tasks
+  (docs/BISECTION.md, VCL, row v3: 86.24 -> 96.56 % on validation, seed 1).
+* **Initial means** (``init_mean_std``, the registered strategies: 0.1): every
+  weight and bias drawn from N(0, 0.1^2) truncated at two standard deviations,
+  VCL's code's initialisation, before the maximum-likelihood start; fresh heads
+  restart from it. ``None`` keeps the model's own initialisation (the
+  constructor's default, for a model a user passes in).
 * **First experience** (``_train_exp``): with ``ml_init_epochs > 0`` the means
   are first fitted by plain maximum likelihood (Adam, cross-entropy, no KL) on the
   experience's training data, as VCL initialises its first posterior; the standard
@@ -86,10 +100,22 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+VARIANCE_PARAMETRISATIONS = ("log_var", "log_std")
+
+
 def check_vcl_arguments(
-    *, mc_samples, test_samples, prior_var, init_std, ml_init_epochs, memory_size=0, coreset_epochs=None
+    *, mc_samples, test_samples, prior_var, init_std, ml_init_epochs, memory_size=0, coreset_epochs=None,
+    variance_parametrisation="log_var", init_mean_std=None,
 ) -> None:
     """Raise ``ValueError`` for an invalid VCL hyper-parameter (shared by the dataclasses and the strategy)."""
+    if variance_parametrisation not in VARIANCE_PARAMETRISATIONS:
+        raise ValueError(f"variance_parametrisation must be one of {VARIANCE_PARAMETRISATIONS}, "
+                         f"got {variance_parametrisation!r}")
+    if init_mean_std is not None and not (
+        isinstance(init_mean_std, (int, float)) and not isinstance(init_mean_std, bool)
+        and math.isfinite(init_mean_std) and init_mean_std > 0
+    ):
+        raise ValueError(f"init_mean_std must be positive and finite, or None, got {init_mean_std!r}")
     if not _is_int(mc_samples) or mc_samples < 1:
         raise ValueError(f"mc_samples must be an int >= 1, got {mc_samples!r}")
     if not _is_int(test_samples) or test_samples < 0:
@@ -129,6 +155,32 @@ def _head_owner(model: nn.Module) -> Tensor | None:
     return torch.cat(pieces)
 
 
+ADAM_EPS = 1e-8  # torch's and TensorFlow's Adam default
+
+
+def variance_adam_group(lr: float, parametrisation: str) -> dict:
+    """Adam's ``lr`` and ``eps`` for ``log_std`` that make it optimise the chosen variance parameter.
+
+    Adam is not invariant to reparametrisation: VCL's code optimises the log-variance
+    ``v = 2 log_std``. Its gradient is half of ``log_std``'s, and so are Adam's first
+    moment and root second moment, so the step in ``v`` is ``lr m / (sqrt(s) + 2 eps)``
+    in ``log_std``'s moments ``(m, s)``, i.e. half of it in ``log_std``: Adam on ``v`` at
+    ``(lr, eps)`` is exactly Adam on ``log_std`` at ``(lr / 2, 2 eps)``.
+    """
+    if parametrisation == "log_var":
+        return {"lr": lr / 2.0, "eps": 2.0 * ADAM_EPS}
+    if parametrisation == "log_std":
+        return {"lr": lr, "eps": ADAM_EPS}
+    raise ValueError(f"variance_parametrisation must be one of {VARIANCE_PARAMETRISATIONS}, got {parametrisation!r}")
+
+
+@torch.no_grad()
+def truncated_normal_init(model: nn.Module, std: float) -> None:
+    """Every trainable parameter (weights and biases) from N(0, std^2) truncated at 2 std (VCL's code: std 0.1)."""
+    for _, p in trainable_parameters(model):
+        nn.init.trunc_normal_(p, mean=0.0, std=std, a=-2.0 * std, b=2.0 * std)
+
+
 class VCLStrategy(SupervisedTemplate):
     """Variational continual learning in an Avalanche template (see the module docstring)."""
 
@@ -144,11 +196,14 @@ class VCLStrategy(SupervisedTemplate):
         ml_init_epochs: int = 0,
         memory_size: int = 0,
         coreset_epochs: int = 1,
+        variance_parametrisation: str = "log_var",
+        init_mean_std: float | None = None,
         seed: int = 0,
         **kwargs,
     ):
         check_vcl_arguments(mc_samples=mc_samples, test_samples=test_samples, prior_var=prior_var, init_std=init_std,
-                            ml_init_epochs=ml_init_epochs, memory_size=memory_size, coreset_epochs=coreset_epochs)
+                            ml_init_epochs=ml_init_epochs, memory_size=memory_size, coreset_epochs=coreset_epochs,
+                            variance_parametrisation=variance_parametrisation, init_mean_std=init_mean_std)
         if not lr > 0:
             raise ValueError(f"lr must be positive, got {lr}")
         kwargs.pop("optimizer", None)  # the strategy builds its own Adam per experience
@@ -163,6 +218,9 @@ class VCLStrategy(SupervisedTemplate):
         self.memory_size = memory_size
         self.coreset_epochs = coreset_epochs or 0
         self.seed = seed
+        self.variance_parametrisation = variance_parametrisation
+        if init_mean_std is not None:
+            truncated_normal_init(self.model, init_mean_std)
 
         initial = flat_parameters(self.model)
         self.initial_mean = initial.clone()
@@ -252,7 +310,8 @@ class VCLStrategy(SupervisedTemplate):
 
     # -- optimizer --------------------------------------------------------------------
     def _fresh_adam(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam([{"params": self._means()}, {"params": [self.log_std]}], lr=self.lr)
+        variances = {"params": [self.log_std], **variance_adam_group(self.lr, self.variance_parametrisation)}
+        return torch.optim.Adam([{"params": self._means()}, variances], lr=self.lr)
 
     def make_optimizer(self, **kwargs):
         """A fresh Adam over the means and the log standard deviations (VCL restarts Adam per task)."""
@@ -422,11 +481,14 @@ class VCLParams:
     prior_var: float = 1.0  # variance of the first prior N(0, prior_var I) (VCL: 1)
     init_std: float = 0.05  # initial posterior std of every parameter (VCL's code: log-variance -6, std e^-3)
     ml_init_epochs: int | None = None  # maximum-likelihood epochs before VI, first experience (None: epochs, as VCL)
+    variance_parametrisation: str = "log_var"  # what Adam optimises: "log_var" (VCL's code) or "log_std"
+    init_mean_std: float | None = 0.1  # initial means ~ N(0, s^2) truncated at 2s (VCL's code: 0.1); None: the model's
 
     def __post_init__(self):
         check_vcl_arguments(mc_samples=self.mc_samples, test_samples=self.test_samples, prior_var=self.prior_var,
                             init_std=self.init_std, ml_init_epochs=self.ml_init_epochs,
-                            **self._coreset_arguments())
+                            variance_parametrisation=self.variance_parametrisation,
+                            init_mean_std=self.init_mean_std, **self._coreset_arguments())
 
     def _coreset_arguments(self) -> dict:
         return {}
@@ -455,6 +517,7 @@ def vcl_strategy(ctx: BuildContext) -> VCLStrategy:
         init_std=p.init_std, ml_init_epochs=epochs if p.ml_init_epochs is None else p.ml_init_epochs,
         memory_size=p.memory_size if coreset else 0,
         coreset_epochs=(epochs if p.coreset_epochs is None else p.coreset_epochs) if coreset else 0,
+        variance_parametrisation=p.variance_parametrisation, init_mean_std=p.init_mean_std,
         seed=ctx.config.seed, plugins=with_plugins(ctx), **ctx.template_args(),
     )
 
