@@ -10,8 +10,9 @@
 | split-cifar10    | CIFAR-10      | task-incremental (masked)   | 5 x 2 classes         | small CNN       |
 
 Class splits are fixed: experience i holds classes 2i and 2i+1. Permuted MNIST's
-first experience is the unpermuted data (as in VCL and FROMP) unless
-``first_unpermuted = false``; the permutations are drawn from the run's seed,
+first experience is the unpermuted data unless ``first_unpermuted = false``
+(VCL's released code permutes every task; an MLP's first layer is indifferent
+to a fixed permutation of its inputs); the permutations are drawn from the run's seed,
 so the same seed gives the same permutations. Task-incremental benchmarks keep
 one 10-way output layer and mask, per example, the classes outside its task:
 the same as one 2-way head per task, without growing heads. Inputs are scaled

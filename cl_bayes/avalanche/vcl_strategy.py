@@ -23,12 +23,11 @@ coreset algorithm) is in ``cl_bayes.vcl``. ``VCLStrategy`` is Avalanche's
   variances are parametrised, and VCL's code optimises the log-*variance*
   ``v = 2 log_std``: ``variance_parametrisation = "log_var"`` (the default) runs
   exactly that path, as Adam on ``log_std`` at ``(lr / 2, 2 eps)``
-  (``variance_adam_group``). It matters: Adam moves every parameter at about
-  ``lr`` per step whatever its gradient's size, so where the likelihood is flat
-  the tiny ``KL / N_t`` gradient grows the standard deviation towards the prior's
-  at that rate, and the next experience's prior no longer holds the weight.
-  On log-std it grows twice as fast, and split MNIST forgets its first tasks
-  (docs/BISECTION.md, VCL, row v3: 86.24 -> 96.56 % on validation, seed 1).
+  (``variance_adam_group``). Adam moves every parameter by about ``lr`` per
+  step whatever its gradient's size, so where the likelihood is flat the tiny
+  ``KL / N_t`` gradient grows a standard deviation towards the prior's at that
+  rate, twice as fast on log-std as on log-variance (docs/BISECTION.md, VCL,
+  v3-v5: what it changes on the paper protocols).
 * **Initial means** (``init_mean_std``, the registered strategies: 0.1): every
   weight and bias drawn from N(0, 0.1^2) truncated at two standard deviations,
   VCL's code's initialisation, before the maximum-likelihood start; fresh heads
