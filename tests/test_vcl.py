@@ -365,3 +365,20 @@ def test_truncated_normal_init_covers_weights_and_biases_within_two_std():
     # N(0, 0.1^2) truncated at +-2 std has standard deviation 0.1 * 0.8796
     assert float(flat.std()) == pytest.approx(0.08796, rel=0.02)
     assert float(model[2].bias.abs().min()) > 0  # biases are drawn too, not left at zero
+
+
+def test_the_strategy_wires_the_variance_parametrisation_and_the_initialisation():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(30, 20), torch.nn.ReLU(), torch.nn.Linear(20, 4))
+    strategy = VCLStrategy(model=model, lr=1e-3, init_mean_std=0.1)
+    means, variances = strategy.optimizer.param_groups
+    assert variances["params"][0] is strategy.log_std
+    assert (means["lr"], variances["lr"], variances["eps"]) == (1e-3, 5e-4, 2e-8)  # VCL's log-variance path
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    assert flat.abs().max() <= 0.2 and torch.equal(flat, strategy.initial_mean)
+    strategy.make_optimizer()  # a fresh Adam per experience keeps the same groups
+    assert strategy.optimizer.param_groups[1]["lr"] == 5e-4
+    plain = VCLStrategy(model=torch.nn.Linear(3, 2), variance_parametrisation="log_std")
+    assert plain.optimizer.param_groups[1]["lr"] == plain.optimizer.param_groups[0]["lr"]
+    with pytest.raises(ValueError, match="variance_parametrisation"):
+        VCLStrategy(model=torch.nn.Linear(3, 2), variance_parametrisation="std")
