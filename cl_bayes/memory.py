@@ -272,17 +272,23 @@ def random_selection(labels: Tensor, *, memory_size: int, seed: int) -> Tensor:
 
 
 def herding_order(features: Tensor, *, k: int) -> Tensor:
-    """iCaRL herding of k rows of ``features`` (n, D) towards their mean; indices in order."""
+    """iCaRL herding of k rows of ``features`` (n, D) towards their mean; indices in order.
+
+    Step t (1-based) takes the unchosen row i minimising ``||mu - (r + x_i) / t||^2`` (r: the
+    sum of the rows chosen so far). Expanding the square, that is the row minimising
+    ``||x_i||^2 / t - 2 x_i . (mu - r / t)``: one matrix-vector product per step.
+    """
     if features.ndim != 2:
         raise ValueError(f"features must be (n, D), got {tuple(features.shape)}")
     if not 0 <= k <= features.shape[0]:
         raise ValueError(f"k must be in [0, {features.shape[0]}], got {k}")
     mu = features.mean(dim=0)
+    sq_norms = features.square().sum(dim=-1)
     running = torch.zeros_like(mu)
     taken = torch.zeros(features.shape[0], dtype=torch.bool)
     order = []
     for step in range(1, k + 1):
-        dist = (mu - (running + features) / step).square().sum(dim=-1)
+        dist = sq_norms / step - 2.0 * (features @ (mu - running / step))
         dist = dist.masked_fill(taken, float("inf"))
         i = int(torch.argmin(dist))
         order.append(i)
