@@ -135,3 +135,89 @@ def test_ggn_block_is_lambda_kron_feature_outer_products():
         lam = torch.diag(probs[n]) - torch.outer(probs[n], probs[n])
         expected += torch.kron(lam[rows][:, rows], torch.outer(phit[n], phit[n]))
     torch.testing.assert_close(ggn_block(phit, probs, rows), expected)
+
+
+# --- retrain_output_layer (the head-retrain estimator) ---------------------------------
+
+
+def _separable(n: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.tensor([[3.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 3.0]])
+    y = torch.randint(0, 3, (n,), generator=g)
+    phi = centres[y] + 0.5 * torch.randn(n, 3, generator=g)
+    return phi, y
+
+
+def test_retrained_head_learns_the_data_and_masked_rows_only_decay():
+    from cl_bayes.last_layer import HeadTraining, retrain_output_layer
+
+    phi, y = _separable(600, 0)
+    mask = torch.zeros(600, 4, dtype=torch.bool)
+    mask[:, :3] = True  # class 3 is never allowed: its row gets no gradient
+    w0 = 0.1 * torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
+    b0 = torch.zeros(4)
+    training = HeadTraining(lr=0.1, epochs=3, batch_size=32, hess_init=0.1, beta2=0.999, weight_decay=1e-2)
+    w, b = retrain_output_layer(w0, b0, [(phi, y, mask)], training)
+    logits = (phi @ w.T + b).masked_fill(~mask, float("-inf"))
+    assert (logits.argmax(-1) == y).double().mean() > 0.95
+    # the masked row: IVON's prior pulls it towards 0 (delta (m - 0) / (h + delta)), nothing else moves it
+    assert torch.all(w[3].abs() <= w0[3].abs()) and torch.all(torch.sign(w[3]) == torch.sign(w0[3]))
+    assert torch.all(w[3].abs() < w0[3].abs())
+
+
+def test_retraining_is_seeded_restores_the_global_generator_and_skips_empty_experiences():
+    from cl_bayes.last_layer import HeadTraining, retrain_output_layer
+
+    phi, y = _separable(200, 2)
+    w0, b0 = torch.zeros(3, 3), torch.zeros(3)
+    training = HeadTraining(lr=0.1, epochs=1, batch_size=16, hess_init=0.1, accumulate=True, seed=5)
+    empty = (phi[:0], y[:0], None)
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    first = retrain_output_layer(w0, b0, [(phi, y, None), empty], training)
+    assert torch.equal(torch.rand(1), expected_next)  # the caller's random stream is untouched
+    again = retrain_output_layer(w0, b0, [empty, (phi, y, None)], training)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    other = retrain_output_layer(w0, b0, [(phi, y, None)], HeadTraining(**{**training.__dict__, "seed": 6}))
+    assert not torch.equal(first[0], other[0])
+    # no data at all: the initial weights, as retraining without any of the rows' examples
+    w, b = retrain_output_layer(w0 + 1.0, b0, [empty], training)
+    assert torch.equal(w, w0 + 1.0) and torch.equal(b, b0)
+
+
+def test_accumulation_makes_a_second_experience_keep_the_first():
+    from cl_bayes.last_layer import HeadTraining, retrain_output_layer
+
+    # two experiences of the same 3-class problem, the second with classes 0 and 1 swapped in half the data:
+    # with the first posterior as prior, the head moves less on the second than without it
+    phi, y = _separable(400, 3)
+    flipped = y.clone()
+    flipped[:200] = torch.where(y[:200] == 0, 1, torch.where(y[:200] == 1, 0, y[:200]))
+    experiences = [(phi, y, None), (phi, flipped, None)]
+    base = dict(lr=0.1, epochs=2, batch_size=32, hess_init=0.1, beta2=0.999, weight_decay=1e-3)
+    w_acc, _ = retrain_output_layer(torch.zeros(3, 3), torch.zeros(3), experiences,
+                                    HeadTraining(**base, accumulate=True))
+    w_first, _ = retrain_output_layer(torch.zeros(3, 3), torch.zeros(3), experiences[:1], HeadTraining(**base))
+    w_plain, _ = retrain_output_layer(torch.zeros(3, 3), torch.zeros(3), experiences, HeadTraining(**base))
+    assert (w_acc - w_first).norm() < (w_plain - w_first).norm()
+
+
+def test_retraining_rejects_bad_input():
+    from cl_bayes.last_layer import HeadTraining, retrain_output_layer
+
+    phi, y = _separable(10, 0)
+    good = HeadTraining(lr=0.1, epochs=1, batch_size=4)
+    with pytest.raises(ValueError, match="epochs"):
+        HeadTraining(lr=0.1, epochs=0, batch_size=4)
+    with pytest.raises(ValueError, match="batch_size"):
+        HeadTraining(lr=0.1, epochs=1, batch_size=True)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        retrain_output_layer(torch.zeros(3, 3), None, [(phi, y, None)], HeadTraining(**{**good.__dict__,
+                                                                                         "lr_schedule": "step"}))
+    with pytest.raises(ValueError, match="phi"):
+        retrain_output_layer(torch.zeros(3, 4), None, [(phi, y, None)], good)
+    with pytest.raises(ValueError, match="class_mask"):
+        retrain_output_layer(torch.zeros(3, 3), None, [(phi, y, torch.ones(10, 2, dtype=torch.bool))], good)
+    with pytest.raises(ValueError, match="bias"):
+        retrain_output_layer(torch.zeros(3, 3), torch.zeros(2), [(phi, y, None)], good)
