@@ -530,7 +530,7 @@ def scatter_png(path: str | os.PathLike, summary: dict, arrays: dict, *, overwri
         r = "n/a" if c["pearson"] is None else f"{c['pearson']:.3f}"
         rho = "n/a" if c["spearman"] is None else f"{c['spearman']:.3f}"
         ax.set_title(f"{label}: Pearson r = {r}, Spearman = {rho}", fontsize=9)
-        ax.set_xlabel(f"estimated ({summary['estimator']['name']}, no retraining) {label}")
+        ax.set_xlabel(f"estimated by {summary['estimator']['name']}: {label}")
         ax.set_ylabel(f"true (retrained) {label}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper left")
