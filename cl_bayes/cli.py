@@ -1,6 +1,6 @@
 """The ``cl-bayes`` command.
 
-    cl-bayes run --strategy S --benchmark B --seed K [--protocol quick|paper] [--set key=value ...]
+    cl-bayes run --strategy S --benchmark B --seed K [--protocol quick|paper] [--set key=value ...] [--resumable]
     cl-bayes suite benchmarks/suites/default.toml [--jobs N] [--executor local|ray] [--only-strategy S ...]
     cl-bayes bench [SUITE] [--resume RUN_DIR]    (run into runs/<date-time>/, compare with results/)
     cl-bayes compare RUN_DIR [SUITE]
@@ -41,6 +41,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (TOML value), e.g. --set epochs=2 --set ewc_lambda=1e3")
     p.add_argument("--overwrite", action="store_true", help="replace existing results files")
+    p.add_argument("--resumable", action="store_true",
+                   help="save each run's state after every experience (seedK.ckpt beside seedK.json) and go on "
+                        "from a checkpoint found there; deleted once the results file is written")
 
 
 def _overrides(args) -> tuple:
@@ -54,6 +57,7 @@ def cmd_run(args) -> int:
         strategy=args.strategy, benchmark=args.benchmark, seed=args.seed, protocol=args.protocol,
         results_root=args.results, data_root=args.data_root, specs=args.specs, overrides=_overrides(args),
         device=args.device, threads=args.threads or (os.cpu_count() or 1), overwrite=args.overwrite,
+        resumable=args.resumable,
     )
     S.resolve_request(request)  # bad names and keys fail here, before any data is loaded
     if request.path.exists() and not args.overwrite:
@@ -97,7 +101,8 @@ def _run_suite(args, results_root: str):
     jobs = args.jobs or S.default_jobs()
     threads = max(1, (os.cpu_count() or 1) // jobs)
     todo, done = S.plan(part, results_root=results_root, data_root=args.data_root, specs=args.specs,
-                        overrides=_overrides(args), device=args.device, threads=threads, overwrite=args.overwrite)
+                        overrides=_overrides(args), device=args.device, threads=threads, overwrite=args.overwrite,
+                        resumable=args.resumable)
     for r in todo:  # fail fast on bad specs, before hours of work
         S.resolve_request(r)
     _check_data(todo, args.data_root)
@@ -375,7 +380,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--specs", default=None, help="strategy spec folder (default: ./strategies)")
     b.add_argument("--device", default="cpu")
     b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    b.set_defaults(func=cmd_bench, overwrite=False)
+    b.set_defaults(func=cmd_bench, overwrite=False, resumable=True)  # --resume also goes on inside a killed run
 
     c = sub.add_parser("compare", help="compare a results folder (e.g. a run folder) with the reference")
     c.add_argument("run", help="the results folder to check, e.g. runs/2026-12-03-120000")

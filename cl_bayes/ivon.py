@@ -784,6 +784,11 @@ class IVON(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ checkpoints
 
+    def __getstate__(self) -> dict:
+        """Pickle everything (torch's Optimizer keeps only defaults, state and param_groups): the posterior
+        lives in the flat buffers, and the parameters stay views into the mean when pickled together."""
+        return self.__dict__.copy()
+
     def state_dict(self) -> dict:
         """torch's optimizer state dict plus the posterior buffers under "ivon" (the mean is the model's)."""
         state = super().state_dict()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import os
+import sys
 import time
 import traceback
 from collections.abc import Callable, Iterable
@@ -101,6 +102,7 @@ class RunRequest:
     device: str = "cpu"
     threads: int = 1
     overwrite: bool = False
+    resumable: bool = False  # checkpoint after every experience and go on from a checkpoint found there
 
     @property
     def path(self) -> Path:
@@ -142,6 +144,7 @@ def execute(r: RunRequest, progress: Callable[[int, int], None] | None = None) -
     """Run one request and write its results file; never raises (the outcome says what happened)."""
     import torch
 
+    from cl_bayes.avalanche.checkpoint import checkpoint_path
     from cl_bayes.avalanche.runner import run
     from cl_bayes.results import write_atomic
 
@@ -151,8 +154,12 @@ def execute(r: RunRequest, progress: Callable[[int, int], None] | None = None) -
         cfg, spec_path = resolve_request(r)
         if r.path.exists() and not r.overwrite:
             return {"label": r.label, "status": "exists", "path": str(r.path)}
-        data = run(cfg, data_root=r.data_root, progress=progress, spec_path=_display_path(spec_path))
+        checkpoint = checkpoint_path(r.path) if r.resumable else None
+        data = run(cfg, data_root=r.data_root, progress=progress, spec_path=_display_path(spec_path),
+                   checkpoint=checkpoint, on_warning=lambda text: print(f"cl-bayes: warning: {text}", file=sys.stderr))
         write_atomic(r.path, data, overwrite=r.overwrite)
+        if checkpoint is not None:
+            checkpoint.unlink(missing_ok=True)
         return {"label": r.label, "status": "ok", "path": str(r.path), "seconds": time.perf_counter() - start,
                 "accuracy": data["metrics"]["average_accuracy"]}
     except Exception as e:  # reported by the caller; a failed run leaves no file
@@ -214,7 +221,8 @@ def remove_partial_files(requests: Iterable[RunRequest]) -> list[Path]:
     for r in requests:
         folder = r.path.parent
         if folder.is_dir():
-            for tmp in folder.glob(f".{r.path.name}.*.tmp"):
+            # the results file's and the checkpoint's (seedK.ckpt) temporaries; a finished checkpoint stays
+            for tmp in [*folder.glob(f".{r.path.name}.*.tmp"), *folder.glob(f".{r.path.stem}.ckpt.*.tmp")]:
                 tmp.unlink(missing_ok=True)
                 removed.append(tmp)
     return removed

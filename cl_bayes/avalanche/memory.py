@@ -69,6 +69,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import numpy as np
@@ -332,28 +333,32 @@ def sensitivity_selector(
     select_memory(labels=torch.zeros(1, dtype=torch.long), memory_size=1, mode=rule, scores=torch.ones(1),
                   seed=0, temperature=temperature, discard=discard)
 
-    def select(strategy, experience, memory_size: int) -> Tensor:
-        optimizer = _ivon(strategy)
-        posterior = optimizer.posterior
-        generator = None
-        if estimator == "samples":
-            generator = torch.Generator(posterior.mean.device)
-            generator.manual_seed(seed * 10_007 + experience.current_experience)
-        with _Scoring(strategy, experience, batch_size=batch_size, memory_size=memory_size,
-                      candidates=candidates, seed=seed) as s:
-            n = len(s.y)
+    return partial(_select_by_sensitivity, estimator=estimator, num_samples=num_samples, seed=seed,
+                   candidates=candidates, chunk_size=chunk_size, batch_size=batch_size, rule=rule,
+                   temperature=temperature, discard=discard, score_dtype=score_dtype)
 
-            def score(x, y, mask):
-                with torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=score_dtype == "bfloat16"):
-                    return memory_perturbation(
-                        s.net, posterior, x=x, y=y, class_mask=mask, estimator=estimator, ess=optimizer.ess,
-                        n_train=n, num_samples=num_samples, generator=generator, chunk_size=chunk_size,
-                    ).sensitivity.float()
 
-            extra = {"seed": _rule_seed(seed, experience)} if rule in ("stratified", "proportional", "pruned") else {}
-            return s.select(rule, scores=s.collect(score), temperature=temperature, discard=discard, **extra)
+def _select_by_sensitivity(strategy, experience, memory_size: int, *, estimator, num_samples, seed, candidates,
+                           chunk_size, batch_size, rule, temperature, discard, score_dtype) -> Tensor:
+    optimizer = _ivon(strategy)
+    posterior = optimizer.posterior
+    generator = None
+    if estimator == "samples":
+        generator = torch.Generator(posterior.mean.device)
+        generator.manual_seed(seed * 10_007 + experience.current_experience)
+    with _Scoring(strategy, experience, batch_size=batch_size, memory_size=memory_size,
+                  candidates=candidates, seed=seed) as s:
+        n = len(s.y)
 
-    return select
+        def score(x, y, mask):
+            with torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=score_dtype == "bfloat16"):
+                return memory_perturbation(
+                    s.net, posterior, x=x, y=y, class_mask=mask, estimator=estimator, ess=optimizer.ess,
+                    n_train=n, num_samples=num_samples, generator=generator, chunk_size=chunk_size,
+                ).sensitivity.float()
+
+        extra = {"seed": _rule_seed(seed, experience)} if rule in ("stratified", "proportional", "pruned") else {}
+        return s.select(rule, scores=s.collect(score), temperature=temperature, discard=discard, **extra)
 
 
 def _rule_seed(seed: int, experience) -> int:
@@ -367,51 +372,51 @@ def lambda_selector(*, candidates: int | None = None, seed: int = 0, batch_size:
     ``candidates`` as in ``sensitivity_selector``.
     """
     _check_candidates(candidates)
+    return partial(_select_by_lambda, candidates=candidates, seed=seed, batch_size=batch_size)
 
-    @torch.no_grad()
-    def select(strategy, experience, memory_size: int) -> Tensor:
-        with _Scoring(strategy, experience, batch_size=batch_size, memory_size=memory_size,
-                      candidates=candidates, seed=seed) as s:
-            return s.select("lambda", probs=s.collect(lambda x, y, mask: masked_softmax(s.net(x), mask)))
 
-    return select
+@torch.no_grad()
+def _select_by_lambda(strategy, experience, memory_size: int, *, candidates, seed, batch_size) -> Tensor:
+    with _Scoring(strategy, experience, batch_size=batch_size, memory_size=memory_size,
+                  candidates=candidates, seed=seed) as s:
+        return s.select("lambda", probs=s.collect(lambda x, y, mask: masked_softmax(s.net(x), mask)))
 
 
 def herding_selector(*, batch_size: int = SCORE_BATCH) -> Selector:
     """Per class, iCaRL herding on the input features of the last nn.Linear (Rebuffi et al. 2017)."""
+    return partial(_select_by_herding, batch_size=batch_size)
 
-    @torch.no_grad()
-    def select(strategy, experience, memory_size: int) -> Tensor:
-        with _Scoring(strategy, experience, batch_size=batch_size, memory_size=memory_size,
-                      candidates=None, seed=0) as s:
-            seen: list[Tensor] = []
-            handle = _last_linear(s.net).register_forward_hook(lambda _m, inp, _o: seen.append(inp[0]))
 
-            def penultimate(x, y, mask):
-                seen.clear()
-                s.net(x)
-                return seen[0].flatten(1)
+@torch.no_grad()
+def _select_by_herding(strategy, experience, memory_size: int, *, batch_size) -> Tensor:
+    with _Scoring(strategy, experience, batch_size=batch_size, memory_size=memory_size,
+                  candidates=None, seed=0) as s:
+        seen: list[Tensor] = []
+        handle = _last_linear(s.net).register_forward_hook(lambda _m, inp, _o: seen.append(inp[0]))
 
-            try:
-                return s.select("herding", features=s.collect(penultimate))
-            finally:
-                handle.remove()
+        def penultimate(x, y, mask):
+            seen.clear()
+            s.net(x)
+            return seen[0].flatten(1)
 
-    return select
+        try:
+            return s.select("herding", features=s.collect(penultimate))
+        finally:
+            handle.remove()
 
 
 def random_selector(*, seed: int) -> Selector:
     """Class-balanced random choice, reproducible from ``seed`` and the experience id."""
+    return partial(_select_at_random, seed=seed)
 
-    def select(strategy, experience, memory_size: int) -> Tensor:
-        return select_memory(
-            labels=experience_targets(experience),
-            memory_size=memory_size,
-            mode="random",
-            seed=seed * 10_007 + experience.current_experience,
-        )
 
-    return select
+def _select_at_random(strategy, experience, memory_size: int, *, seed: int) -> Tensor:
+    return select_memory(
+        labels=experience_targets(experience),
+        memory_size=memory_size,
+        mode="random",
+        seed=seed * 10_007 + experience.current_experience,
+    )
 
 
 _PARAMETERS = {"proportional": "temperature", "trimmed": "discard", "pruned": "discard"}  # the rules with a parameter

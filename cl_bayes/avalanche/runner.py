@@ -11,6 +11,7 @@ metrics are the pure functions of ``cl_bayes.metrics``.
 from __future__ import annotations
 
 import dataclasses
+import pickle
 import platform
 import random
 import subprocess
@@ -26,6 +27,7 @@ from avalanche.models.utils import avalanche_forward
 from avalanche.training.plugins import SupervisedPlugin
 
 from cl_bayes import metrics
+from cl_bayes.avalanche import checkpoint as ckpt
 from cl_bayes.avalanche import strategies
 from cl_bayes.avalanche.benchmarks import BenchmarkBundle, build_benchmark
 from cl_bayes.avalanche.models import TaskMaskedModel
@@ -151,6 +153,18 @@ def git_sha() -> str | None:
     return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
+def _save_checkpoint(path: Path, state: ckpt.Checkpoint, on_warning) -> Path | None:
+    """Save ``state``; the path to keep saving to, or None when this strategy cannot be pickled."""
+    try:
+        ckpt.save(path, state)
+        return path
+    except (pickle.PicklingError, TypeError, AttributeError) as e:  # what pickle raises for an unpicklable part
+        if on_warning:
+            on_warning(f"{state.config['strategy']} cannot be checkpointed ({type(e).__name__}: {e}); "
+                       "the run goes on without checkpoints")
+        return None
+
+
 def build_strategy(config: RunConfig, bundle: BenchmarkBundle, plugins=(), *, data_root=None):
     """The Avalanche strategy for ``config`` on ``bundle``, model included; ``data_root``: where ``bundle`` is from."""
     net = build_model(
@@ -170,10 +184,15 @@ def build_strategy(config: RunConfig, bundle: BenchmarkBundle, plugins=(), *, da
     return definition.build(ctx), definition
 
 
-def run(config: RunConfig, *, data_root=None, progress=None, spec_path: str | None = None) -> dict:
+def run(config: RunConfig, *, data_root=None, progress=None, spec_path: str | None = None,
+        checkpoint: str | Path | None = None, on_warning=None) -> dict:
     """Train and score one configuration; return the results dictionary.
 
     ``progress(done, total)`` is called after each experience (for progress bars).
+    ``checkpoint``: a path; the run's state is saved there after every experience but the last, and a
+    run finding a checkpoint there goes on from it (``cl_bayes.avalanche.checkpoint``). The caller
+    deletes it once the results are safe. ``on_warning(text)``: told when a strategy cannot be
+    checkpointed (the run goes on without checkpoints).
     """
     with warnings.catch_warnings():
         # Avalanche 0.6 warns about its own internals (the unused evaluator has no loggers;
@@ -181,10 +200,11 @@ def run(config: RunConfig, *, data_root=None, progress=None, spec_path: str | No
         warnings.filterwarnings("ignore", module="avalanche")
         warnings.filterwarnings("ignore", message="No loggers specified")
         warnings.filterwarnings("ignore", category=DeprecationWarning)
-        return _run(config, data_root=data_root, progress=progress, spec_path=spec_path)
+        return _run(config, data_root=data_root, progress=progress, spec_path=spec_path,
+                    checkpoint=None if checkpoint is None else Path(checkpoint), on_warning=on_warning)
 
 
-def _run(config: RunConfig, *, data_root, progress, spec_path) -> dict:
+def _run(config: RunConfig, *, data_root, progress, spec_path, checkpoint, on_warning) -> dict:
     seed_everything(config.seed)
     bundle = build_benchmark(config, data_root=data_root)
     stream = list(bundle.benchmark.train_stream)
@@ -192,8 +212,19 @@ def _run(config: RunConfig, *, data_root, progress, spec_path) -> dict:
         k = config.experiences
         bundle = dataclasses.replace(bundle, train=bundle.train[:k], eval=bundle.eval[:k])
         stream = stream[:k]
-    strategy, definition = build_strategy(config, bundle, data_root=data_root)
-    rows, times = [], []
+    definition = strategies.get(config.strategy)
+    resumed = None
+    if checkpoint is not None and checkpoint.exists() and not definition.joint:
+        resumed = ckpt.load(checkpoint, config.to_dict())
+    if resumed is None:
+        strategy, definition = build_strategy(config, bundle, data_root=data_root)
+        rows, times, done, peak_before = [], [], 0, 0.0
+    else:  # the generators are restored last: building the benchmark above used them
+        strategy, rows, times, done = resumed.strategy, resumed.rows, resumed.times, resumed.done
+        peak_before = resumed.peak_memory_mb
+        ckpt.set_rng_state(resumed.rng)
+        if progress:
+            progress(done, len(stream))
     with PeakMemory(config.device) as peak:
         if definition.joint:
             start = time.perf_counter()
@@ -204,12 +235,17 @@ def _run(config: RunConfig, *, data_root, progress, spec_path) -> dict:
             if progress:
                 progress(len(stream), len(stream))
         else:
-            for i, experience in enumerate(stream):
+            for i, experience in enumerate(stream[done:], start=done):
                 start = time.perf_counter()
                 strategy.train(experience)
                 times.append(time.perf_counter() - start)
                 acc, probs, labels = evaluate(strategy, bundle, config.eval_batch_size, config.device)
                 rows.append(acc)
+                if checkpoint is not None and i + 1 < len(stream):
+                    checkpoint = _save_checkpoint(checkpoint, ckpt.Checkpoint(
+                        done=i + 1, config=config.to_dict(), rows=rows, times=times,
+                        peak_memory_mb=max(peak_before, peak.peak_mb), strategy=strategy, rng=ckpt.rng_state(),
+                    ), on_warning)
                 if progress:
                     progress(i + 1, len(stream))
     table = metrics.reliability(probs, labels)
@@ -240,7 +276,7 @@ def _run(config: RunConfig, *, data_root, progress, spec_path) -> dict:
         },
         "calibration": {"bins": metrics.ECE_BINS, **table},
         "time_s": {"per_experience": times, "total": float(sum(times)), **({"parts": parts} if parts else {})},
-        "peak_memory_mb": round(peak.peak_mb, 1),
+        "peak_memory_mb": round(max(peak_before, peak.peak_mb), 1),
         "memory_size": int(params.get("memory_size", 0)),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

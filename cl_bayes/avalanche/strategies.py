@@ -247,7 +247,19 @@ class GuardedAGEMPlugin(AGEMPlugin):
     ``g . g_ref`` does not, and the step is infinite (seen: split-mnist, paper
     protocol, seed 1, a NaN loss in experience 1). Here both dot products are
     float64, and a zero reference gradient leaves ``g`` as it is.
+
+    Pickles (for ``cl_bayes.avalanche.checkpoint``): the memory's iterator, a generator, is left
+    out and made again from its data loader, as Avalanche makes it after each experience.
     """
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("buffer_dliter", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.buffer_dliter = iter(self.buffer_dataloader) if self.buffer_dataloader is not None else iter([])
 
     def after_backward(self, strategy, **kwargs):
         if len(self.buffers) == 0:
