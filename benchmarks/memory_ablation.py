@@ -9,6 +9,8 @@ Reads committed results files only (nothing is run). Uses of the memory:
 * ``bayes-cl`` and ``ivon-fromp``, FROMP's functional term over the memory: one run per rule with
   ``--set selection='"RULE"'`` into ``results/ablations/memory-functional/RULE/`` (test set) and, with
   ``--set evaluate_on='"validation"'``, into ``validation-RULE/`` (the commands are in that folder's SUMMARY.md);
+* IVON replay on split MNIST's paper protocol: ``ivon-replay`` with ``--set selection='"RULE"'`` into
+  ``results/ablations/memory-replay-paper/RULE/`` (test set, seeds 0-2);
 * ``bayes-cl`` on split MNIST's paper protocol: on the test set, the committed ``results/paper/`` runs
   (sensitivity, the spec) and ``random``; on the validation split, every rule with the recipe before
   docs/BISECTION.md step 7, "old recipe" (``results/ablations/bayes-cl-selection/``).
@@ -53,6 +55,9 @@ CELLS = [
     *(Cell("IVON replay", b, {r: f"results/quick/{b}/{IVON_REPLAY[r]}/seed{{seed}}.json" for r in RULES})
       for b in ("split-mnist-ci", "permuted-mnist")),
     *(_functional(s, b) for s in ("bayes-cl", "ivon-fromp") for b in ("split-mnist-ci", "permuted-mnist")),
+    Cell("IVON replay", "split-mnist paper (test)",
+         {r: f"results/ablations/memory-replay-paper/{r}/paper/split-mnist/ivon-replay/seed{{seed}}.json"
+          for r in RULES}),
     Cell("bayes-cl", "split-mnist paper (test)",
          {"sensitivity": "results/paper/split-mnist/bayes-cl/seed{seed}.json",
           "random": "results/ablations/bayes-cl-selection/test-random/paper/split-mnist/bayes-cl/seed{seed}.json"}),
