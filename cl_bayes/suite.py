@@ -35,6 +35,9 @@ class Suite:
     benchmarks: list[str] = field(default_factory=list)  # benchmark ids
     strategies: list[str] = field(default_factory=list)  # strategy names
     description: str = ""  # what the suite is for
+    # per benchmark id, config keys set in every run on that benchmark, as `--set` would (a protocol's own
+    # settings, e.g. VCL's 100 epochs at batch 256); `--set` on the command line wins over them
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def load_suite(path: str | os.PathLike, known_strategies: Iterable[str]) -> Suite:
@@ -57,6 +60,12 @@ def load_suite(path: str | os.PathLike, known_strategies: Iterable[str]) -> Suit
             raise ConfigError(f"{path}: unknown strategy '{s}' (known: {', '.join(sorted(known))})")
     if not suite.seeds or not suite.benchmarks or not suite.strategies:
         raise ConfigError(f"{path}: seeds, benchmarks and strategies must not be empty")
+    for b, values in suite.settings.items():
+        if b not in suite.benchmarks:
+            raise ConfigError(f"{path}: [settings.{b}] names a benchmark the suite does not run "
+                              f"(it runs: {', '.join(suite.benchmarks)})")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: settings.{b} must be a table of config keys, got {values!r}")
     return suite
 
 
@@ -114,13 +123,19 @@ class RunRequest:
 
 
 def plan(suite: Suite, **request_args) -> tuple[list[RunRequest], list[RunRequest]]:
-    """(to run, already done): every strategy x benchmark x seed, split by whether its file exists."""
+    """(to run, already done): every strategy x benchmark x seed, split by whether its file exists.
+
+    Each request's overrides are the suite's settings for its benchmark, then ``overrides`` (the
+    command line's ``--set``), which win.
+    """
     todo, done = [], []
+    given = dict(request_args.pop("overrides", ()))
     for benchmark in suite.benchmarks:
+        overrides = tuple({**suite.settings.get(benchmark, {}), **given}.items())
         for strategy in suite.strategies:
             for seed in suite.seeds:
                 r = RunRequest(strategy=strategy, benchmark=benchmark, seed=seed, protocol=suite.protocol,
-                               **request_args)
+                               overrides=overrides, **request_args)
                 (done if r.path.exists() and not r.overwrite else todo).append(r)
     return todo, done
 

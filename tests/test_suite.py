@@ -187,3 +187,57 @@ def test_restrict_keeps_the_suite_order_and_refuses_names_outside_it():
         S.restrict(suite, strategies=["lwf"])
     with pytest.raises(ConfigError, match="seed 7 is not in the suite"):
         S.restrict(suite, seeds=[7])
+
+
+SETTINGS = GOOD.replace('["split-mnist"]', '["split-mnist", "permuted-mnist"]') + """
+[settings.permuted-mnist]
+epochs = 3
+batch_size = 64
+"""
+
+
+def test_suite_settings_apply_per_benchmark_and_the_command_line_wins(tmp_path):
+    suite = S.load_suite(write_suite(tmp_path, SETTINGS), KNOWN)
+    assert suite.settings == {"permuted-mnist": {"epochs": 3, "batch_size": 64}}
+    todo, _ = S.plan(suite, results_root=str(tmp_path), overrides=(("epochs", 5), ("lr", 0.01)))
+    by_benchmark = {r.benchmark: dict(r.overrides) for r in todo}
+    assert by_benchmark == {"split-mnist": {"epochs": 5, "lr": 0.01},
+                            "permuted-mnist": {"epochs": 5, "batch_size": 64, "lr": 0.01}}
+    (r,) = [r for r in todo if r.benchmark == "permuted-mnist" and r.strategy == "naive" and r.seed == 0]
+    cfg, _ = S.resolve_request(r)
+    assert (cfg.epochs, cfg.batch_size, cfg.lr) == (5, 64, 0.01)
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        (GOOD + "[settings.permuted-mnist]\nepochs = 3\n", "benchmark the suite does not run"),
+        (GOOD + "[settings]\nsplit-mnist = 3\n", "must be a table"),
+        (GOOD + "settings = 3\n", "'settings'"),
+    ],
+)
+def test_suite_settings_are_strict(tmp_path, text, needle):
+    with pytest.raises(ConfigError, match=needle):
+        S.load_suite(write_suite(tmp_path, text), KNOWN)
+
+
+def test_an_unknown_key_in_suite_settings_fails_when_resolved(tmp_path):
+    suite = S.load_suite(write_suite(tmp_path, GOOD + "[settings.split-mnist]\nepoch = 3\n"), KNOWN)
+    (r, *_), _ = S.plan(suite, results_root=str(tmp_path))
+    with pytest.raises(ConfigError, match="epoch"):
+        S.resolve_request(r)
+
+
+def test_the_vcl_protocol_suite_resolves_to_the_committed_runs_settings():
+    suite = S.load_suite(REPO / "benchmarks" / "suites" / "vcl-protocol.toml", strategies.names())
+    todo, done = S.plan(suite, results_root=str(REPO / "results" / "ablations" / "vcl-protocol"))
+    for r in todo + done:
+        cfg, _ = S.resolve_request(r)
+        if r.benchmark == "split-mnist":
+            assert (cfg.epochs, cfg.batch_size, cfg.params["test_samples"]) == (120, 20000, 100)
+        else:
+            assert (cfg.epochs, cfg.batch_size, cfg.params["test_samples"]) == (100, 256, 100)
+    assert done, "the committed VCL-protocol runs are in results/ablations/vcl-protocol"
+    for r in done:  # the committed files were made by cl-bayes run with the same settings as --set
+        cfg, _ = S.resolve_request(r)
+        assert json.loads(r.path.read_text())["config"] == cfg.to_dict(), r.label
