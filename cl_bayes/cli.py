@@ -132,7 +132,7 @@ def _run_suite(args, results_root: str):
 
                 run_ray(todo, address=args.address, on_result=on_result, num_cpus=args.jobs)
             else:
-                S.run_local(todo, jobs=jobs, on_result=on_result)
+                S.run_local(todo, jobs=jobs, on_result=on_result, log_experiences=not args.quiet)
         except KeyboardInterrupt:
             S.remove_partial_files(todo)
             bar.close()

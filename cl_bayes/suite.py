@@ -155,8 +155,13 @@ def resolve_request(r: RunRequest):
     return cfg, spec_path
 
 
-def execute(r: RunRequest, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Run one request and write its results file; never raises (the outcome says what happened)."""
+def execute(r: RunRequest, progress: Callable[[int, int], None] | None = None, *,
+            log_experiences: bool = False) -> dict[str, Any]:
+    """Run one request and write its results file; never raises (the outcome says what happened).
+
+    With ``log_experiences`` (and no ``progress``) a line goes to stderr after every experience, so a
+    suite of hour-long runs shows where each run stands (also in a log file).
+    """
     import torch
 
     from cl_bayes.avalanche.checkpoint import checkpoint_path
@@ -165,6 +170,10 @@ def execute(r: RunRequest, progress: Callable[[int, int], None] | None = None) -
 
     torch.set_num_threads(r.threads)
     start = time.perf_counter()
+    if progress is None and log_experiences:
+        def progress(done: int, total: int) -> None:
+            print(f"{r.label}: {done}/{total} experiences done, {(time.perf_counter() - start) / 60:.1f} min",
+                  file=sys.stderr, flush=True)
     try:
         cfg, spec_path = resolve_request(r)
         if r.path.exists() and not r.overwrite:
@@ -195,17 +204,21 @@ def _worker_init() -> None:
     warnings.filterwarnings("ignore")
 
 
-def run_local(requests: list[RunRequest], *, jobs: int, on_result: Callable[[dict], None]) -> None:
-    """Run requests on a pool of ``jobs`` local processes (in this process when jobs == 1)."""
+def run_local(requests: list[RunRequest], *, jobs: int, on_result: Callable[[dict], None],
+              log_experiences: bool = False) -> None:
+    """Run requests on a pool of ``jobs`` local processes (in this process when jobs == 1).
+
+    ``log_experiences``: each run prints a line after every experience (``execute``).
+    """
     if jobs <= 1:
         _worker_init()
         for r in requests:
-            on_result(execute(r))
+            on_result(execute(r, log_experiences=log_experiences))
         return
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch thread pools
     pool = ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_init)
     try:
-        futures = [pool.submit(execute, r) for r in requests]
+        futures = [pool.submit(execute, r, log_experiences=log_experiences) for r in requests]
         for future in as_completed(futures):
             on_result(future.result())
     except KeyboardInterrupt:

@@ -241,3 +241,17 @@ def test_the_vcl_protocol_suite_resolves_to_the_committed_runs_settings():
     for r in done:  # the committed files were made by cl-bayes run with the same settings as --set
         cfg, _ = S.resolve_request(r)
         assert json.loads(r.path.read_text())["config"] == cfg.to_dict(), r.label
+
+
+def test_a_suite_run_logs_every_experience(tmp_path, mnist_root, capsys):
+    r = S.RunRequest(strategy="naive", benchmark="split-mnist", seed=0, protocol="quick",
+                     results_root=str(tmp_path), overrides=(*TINY.items(), ("experiences", 2)))
+    outcomes = []
+    S.run_local([r], jobs=1, on_result=outcomes.append, log_experiences=True)
+    assert outcomes[0]["status"] == "ok"
+    lines = [line for line in capsys.readouterr().err.splitlines() if "experiences done" in line]
+    assert [line.split(":")[1].split(",")[0].strip() for line in lines] == ["1/2 experiences done",
+                                                                            "2/2 experiences done"]
+    assert all(line.startswith("naive on split-mnist seed 0: ") for line in lines)
+    S.run_local([dataclasses.replace(r, seed=1)], jobs=1, on_result=outcomes.append)  # off by default
+    assert "experiences done" not in capsys.readouterr().err
