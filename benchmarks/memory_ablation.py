@@ -12,8 +12,11 @@ Reads committed results files only (nothing is run). Uses of the memory:
 * IVON replay on split MNIST's paper protocol: ``ivon-replay`` with ``--set selection='"RULE"'`` into
   ``results/ablations/memory-replay-paper/RULE/`` (test set, seeds 0-2);
 * ``bayes-cl`` on split MNIST's paper protocol: on the test set, the committed ``results/paper/`` runs
-  (sensitivity, the spec) and ``random``; on the validation split, every rule with the recipe before
-  docs/BISECTION.md step 7, "old recipe" (``results/ablations/bayes-cl-selection/``).
+  (sensitivity, the spec) and the other rules (``results/ablations/bayes-cl-selection/test-RULE/``); on the
+  validation split, every rule with the recipe before docs/BISECTION.md step 7, "old recipe"
+  (``results/ablations/bayes-cl-selection/validation-RULE/``);
+* ``ivon-fromp`` on split MNIST's paper protocol, test set: the committed ``results/paper/`` runs (sensitivity,
+  the spec) and the other rules (``results/ablations/memory-functional-paper/RULE/``).
 
 Per cell (use, benchmark) and rule: average accuracy, mean ± std over the seeds, and the mean of the
 per-seed differences to ``random`` (same seed) with their min and max. A missing seed is left out of
@@ -59,8 +62,12 @@ CELLS = [
          {r: f"results/ablations/memory-replay-paper/{r}/paper/split-mnist/ivon-replay/seed{{seed}}.json"
           for r in RULES}),
     Cell("bayes-cl", "split-mnist paper (test)",
-         {"sensitivity": "results/paper/split-mnist/bayes-cl/seed{seed}.json",
-          "random": "results/ablations/bayes-cl-selection/test-random/paper/split-mnist/bayes-cl/seed{seed}.json"}),
+         {r: "results/paper/split-mnist/bayes-cl/seed{seed}.json" if r == "sensitivity" else
+          f"results/ablations/bayes-cl-selection/test-{r}/paper/split-mnist/bayes-cl/seed{{seed}}.json" for r in RULES}),
+    Cell("ivon-fromp", "split-mnist paper (test)",
+         {r: "results/paper/split-mnist/ivon-fromp/seed{seed}.json" if r == "sensitivity" else
+          f"results/ablations/memory-functional-paper/{r}/paper/split-mnist/ivon-fromp/seed{{seed}}.json"
+          for r in RULES}),
     *(_functional(s, b, validation=True)
       for s in ("bayes-cl", "ivon-fromp") for b in ("split-mnist-ci", "permuted-mnist")),
     Cell("bayes-cl", "split-mnist paper (val., old recipe)",
