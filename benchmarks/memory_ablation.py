@@ -63,7 +63,8 @@ CELLS = [
           for r in RULES}),
     Cell("bayes-cl", "split-mnist paper (test)",
          {r: "results/paper/split-mnist/bayes-cl/seed{seed}.json" if r == "sensitivity" else
-          f"results/ablations/bayes-cl-selection/test-{r}/paper/split-mnist/bayes-cl/seed{{seed}}.json" for r in RULES}),
+          f"results/ablations/bayes-cl-selection/test-{r}/paper/split-mnist/bayes-cl/seed{{seed}}.json"
+          for r in RULES}),
     Cell("ivon-fromp", "split-mnist paper (test)",
          {r: "results/paper/split-mnist/ivon-fromp/seed{seed}.json" if r == "sensitivity" else
           f"results/ablations/memory-functional-paper/{r}/paper/split-mnist/ivon-fromp/seed{{seed}}.json"
