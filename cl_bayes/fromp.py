@@ -865,6 +865,38 @@ def stable_curvature_scale(
     return high, first, value
 
 
+def secant_stiffness(*, step_size: float, step: Tensor, gradient_change: Tensor, preconditioner: Tensor) -> float:
+    """step_size * (dw . dg) / (dw . D dw): the term's stiffness along the mean's last step dw, from two gradients.
+
+    dg is the change of the term's gradient over that step, so dw . dg = dw^T H dw for the term's
+    Hessian H averaged along the step: the full Hessian (the softmax's own curvature and the
+    ReLUs' kinks included), not the Gauss-Newton matrix at the anchors that
+    ``stable_curvature_scale`` bounds. A Rayleigh quotient of D^{-1/2} H D^{-1/2}, so it is at most
+    the stiffest mode's value; negative along directions where the term is concave. 0 for dw = 0.
+    """
+    weighted = float(step @ (preconditioner * step))
+    if not weighted > 0:
+        return 0.0
+    return step_size * float(step @ gradient_change) / weighted
+
+
+def restabilising_scale(
+    *, gamma: float, stiffness: float, target: float, base_form: float, curvature_form: float
+) -> float:
+    """The gamma' >= gamma that brings a step's secant stiffness down to ``target``.
+
+    With b = dw . base dw and c = dw . curvature dw the step's stiffness is s = step * (dw . dg) /
+    (b + gamma c); the preconditioner base + gamma' c gives s (b + gamma c) / (b + gamma' c), which
+    is ``target`` at gamma' = (s / target (b + gamma c) - b) / c. gamma itself when s <= target or
+    when the curvature is zero along the step (c = 0: the scale cannot reach it).
+    """
+    if not target > 0:
+        raise ValueError(f"target must be positive, got {target}")
+    if stiffness <= target or not curvature_form > 0:
+        return gamma
+    return max(gamma, (stiffness / target * (base_form + gamma * curvature_form) - base_form) / curvature_form)
+
+
 def regulariser_gradient(prior: FunctionalPrior, model: nn.Module) -> Tensor:
     """Flat gradient of ``prior(model)`` w.r.t. the trainable parameters (one backward)."""
     params = [p for _, p in trainable_parameters(model)]

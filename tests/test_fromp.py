@@ -693,3 +693,53 @@ def test_stable_curvature_scale_is_the_least_stable_scale():
     assert s(gamma / 1.12, step) > target  # least: within the bisection's resolution (2^(1/64) ~ 1.011 per halving)
     with pytest.raises(ValueError, match="margin"):
         stable_curvature_scale(prior, model, base=base, curvature=c, step_size=step, beta1=0.9, margin=0.5)
+
+
+def test_secant_stiffness_is_the_hessians_rayleigh_quotient_along_a_short_step():
+    """dw . (g(w + dw) - g(w)) / dw . D dw -> dw^T H dw / dw^T D dw as dw -> 0, with H the term's full Hessian at w
+    (here away from the anchors, where it is not the Gauss-Newton matrix); at most the stiffest mode; 0 for dw = 0."""
+    from cl_bayes.fromp import secant_stiffness
+
+    model, posterior, prior = _two_task_prior("block")
+    gen = torch.Generator().manual_seed(11)
+    w = posterior.mean + 0.3 * torch.randn(posterior.mean.shape, generator=gen)
+    d = 0.5 + torch.rand(w.shape, generator=gen)
+
+    def grad(flat: torch.Tensor) -> torch.Tensor:
+        flat = flat.detach().requires_grad_(True)
+        return torch.autograd.grad(_explicit_term(prior, model, flat), flat)[0]
+
+    hessian = torch.autograd.functional.hessian(lambda v: _explicit_term(prior, model, v), w)
+    direction = torch.randn(w.shape, generator=gen)
+    dw = 1e-4 * direction / direction.norm()
+    s = secant_stiffness(step_size=0.2, step=dw, gradient_change=grad(w + dw) - grad(w), preconditioner=d)
+    expected = 0.2 * float(dw @ hessian @ dw) / float(dw @ (d * dw))
+    assert s == pytest.approx(expected, rel=1e-2, abs=1e-6)
+    root = d.rsqrt()
+    top = float(torch.linalg.eigvalsh(root[:, None] * hessian * root[None, :]).max())
+    assert s <= 0.2 * top * (1 + 1e-2)
+    assert secant_stiffness(step_size=0.2, step=torch.zeros_like(w), gradient_change=grad(w), preconditioner=d) == 0.0
+
+
+def test_restabilising_scale_brings_the_steps_stiffness_to_the_target():
+    """With gamma' the same step's secant stiffness (gradient change fixed) is exactly the target; below the target,
+    or with no curvature along the step, gamma is kept."""
+    from cl_bayes.fromp import restabilising_scale, secant_stiffness
+
+    gen = torch.Generator().manual_seed(12)
+    dw, dg = torch.randn(50, generator=gen), torch.randn(50, generator=gen)
+    base, c = 0.1 + torch.rand(50, generator=gen), torch.rand(50, generator=gen)
+    dg = dg + 40.0 * c * dw  # a stiff step: dw . dg > 0
+
+    def s(gamma: float) -> float:
+        return secant_stiffness(step_size=0.5, step=dw, gradient_change=dg, preconditioner=base + gamma * c)
+
+    forms = {"base_form": float(dw @ (base * dw)), "curvature_form": float(dw @ (c * dw))}
+    assert s(2.0) > 3.0
+    gamma = restabilising_scale(gamma=2.0, stiffness=s(2.0), target=3.0, **forms)
+    assert gamma > 2.0 and s(gamma) == pytest.approx(3.0, rel=1e-6)
+    assert restabilising_scale(gamma=2.0, stiffness=s(2.0), target=2 * s(2.0), **forms) == 2.0
+    assert restabilising_scale(gamma=2.0, stiffness=s(2.0), target=3.0, base_form=forms["base_form"],
+                               curvature_form=0.0) == 2.0
+    with pytest.raises(ValueError, match="target"):
+        restabilising_scale(gamma=2.0, stiffness=1.0, target=0.0, **forms)

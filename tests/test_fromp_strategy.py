@@ -312,3 +312,62 @@ def test_sampled_term_draws_every_past_experience_and_is_scaled_for_its_random_g
             assert {len(groups) for _, groups in draws} == {1, 2}  # experiences 2 and 3
     assert len(gammas[True]) == len(gammas[False]) == 2
     assert all(s > e for s, e in zip(gammas[True], gammas[False], strict=True))
+
+
+
+def test_stiffness_guard_raises_the_curvature_scale_after_a_stiff_step(bundle):
+    """After experience 2, the mean moved along the term's stiffest (preconditioned) mode at its current weights with a
+    step size that makes that step 4x the momentum's bound: the guard's secant stiffness, from the term's gradients
+    before and after, is that step's Rayleigh quotient; gamma grows to bring it to bound / margin and IVON divides by
+    h + delta + gamma c from then on. A step within the guard, or no guard, changes nothing."""
+    from cl_bayes.fromp import _top_mode, momentum_stability_bound, secant_stiffness
+
+    bound = momentum_stability_bound(0.9)
+    for guard in (0.5, None):
+        strategy, fromp = make_strategy(bundle, tau=10.0, lr=1.0, stiffness_guard=guard)
+        for exp in bundle.benchmark.train_stream[:2]:
+            strategy.train(exp)
+        opt, net = strategy.optimizer, strategy.model.net
+        strategy.experience = bundle.benchmark.train_stream[2]  # as at experience 3's steps (before its own scale)
+        fromp.guard_events.clear()
+        gamma0, c = fromp._gamma, fromp._curvature
+        assert torch.allclose(opt.mean_curvature, gamma0 * c)
+
+        def term_grads(fromp=fromp, net=net, opt=opt):
+            return torch.autograd.grad(fromp.prior(net), list(opt.params))
+
+        def move(dw, opt=opt):
+            with torch.no_grad():
+                for p, d in zip(opt.params, dw.split([p.numel() for p in opt.params]), strict=True):
+                    p.add_(d.view_as(p))
+
+        base = opt.hess + opt.prior_precision / opt.ess
+        precond = base + gamma0 * c
+        top, mode = _top_mode(fromp.prior, net, precond, iters=100, seed=0, at=opt.mean)
+        opt.param_groups[0]["lr"] = 4.0 * bound / (top * (0.1 + 1e-4))  # step_size * top = 4 bound
+        step_size = opt.step_size(opt.param_groups[0])
+        before = torch.cat([g.reshape(-1) for g in term_grads()])
+        fromp._guard_stiffness(strategy, term_grads())  # the first step of a pair: nothing to compare with
+        assert fromp.guard_events == []
+        dw = 1e-4 * precond.rsqrt() * mode
+        move(dw)
+        grads = term_grads()
+        after = torch.cat([g.reshape(-1) for g in grads])
+        fromp._guard_stiffness(strategy, grads)
+        s = secant_stiffness(step_size=step_size, step=dw, gradient_change=after - before, preconditioner=precond)
+        assert s == pytest.approx(4.0 * bound, rel=0.05)  # the step's secant is the stiffest mode's quotient
+        if guard is None:
+            assert fromp.guard_events == [] and torch.equal(opt.mean_curvature, gamma0 * c)
+            continue
+        (event,) = fromp.guard_events
+        gamma = event["gamma"]
+        assert event["secant_stiffness"] == pytest.approx(s, rel=1e-3) and event["gamma_before"] == gamma0
+        assert gamma > gamma0 and fromp._gamma == gamma and torch.allclose(opt.mean_curvature, gamma * c)
+        rescaled = secant_stiffness(step_size=step_size, step=dw, gradient_change=after - before,
+                                    preconditioner=base + gamma * c)
+        assert rescaled == pytest.approx(bound / 4.0, rel=1e-3)  # back at the target of stiffness_margin 4
+        move(-1e-3 * dw)  # a tiny step: within the guard
+        fromp._guard_stiffness(strategy, term_grads())
+        assert len(fromp.guard_events) == 1 and fromp._gamma == gamma
+    with pytest.raises(ValueError, match="stiffness_guard"):
+        make_strategy(bundle, stiffness_guard=1.5)

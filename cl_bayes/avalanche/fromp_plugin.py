@@ -131,6 +131,9 @@ from cl_bayes.fromp import (
     RefreshedGradient,
     SagaGradient,
     check_positive_int,
+    momentum_stability_bound,
+    restabilising_scale,
+    secant_stiffness,
     stable_curvature_scale,
 )
 from cl_bayes.laplace import DiagonalLaplace
@@ -212,6 +215,7 @@ class FunctionalRegularisationPlugin(SupervisedPlugin):
         term_at: str = "mean",
         term_curvature: bool = True,
         stiffness_margin: float | None = 4.0,
+        stiffness_guard: float | None = 0.5,
         block_size: int | None = None,
         blocks_per_step: int | None = None,
         per_experience: bool = True,
@@ -255,7 +259,15 @@ class FunctionalRegularisationPlugin(SupervisedPlugin):
         if stiffness_margin is not None and not stiffness_margin >= 1.0:
             raise ValueError(f"stiffness_margin must be >= 1 or None, got {stiffness_margin!r}")
         self.stiffness_margin = stiffness_margin
+        if stiffness_guard is not None and not 0.0 < stiffness_guard <= 1.0:
+            raise ValueError(f"stiffness_guard must be in (0, 1] or None, got {stiffness_guard!r}")
+        self.stiffness_guard = stiffness_guard
+        self.guard_events: list[dict] = []  # each time the guard raised gamma within an experience
+        self._gamma = 1.0  # the curvature scale in force
+        self._last_step: tuple[Tensor, Tensor] | None = None  # (mean, term gradient) of the previous step
         self.curvature_scales: list[dict] = []  # per experience with a term: gamma and the stiffness before/after
+        # recorded in the results file (``runner``): the scale chosen at each experience, the guard's raises
+        self.events = {"curvature_scales": self.curvature_scales, "stiffness_guard": self.guard_events}
         self._scale_pending = False  # the next step first scales the curvature (hook 1)
         self.memory_indices: list[Tensor] = []  # per past experience: indices into its training dataset
         self.last_penalty: Tensor | None = None  # the term added at the latest step (detached)
@@ -309,6 +321,8 @@ class FunctionalRegularisationPlugin(SupervisedPlugin):
                 blocks, weights = self._draw()  # (None, None): the exact term
                 penalty = self.prior(net, blocks=blocks, weights=weights)
                 grads = torch.autograd.grad(penalty, params, allow_unused=True)
+                if blocks is None:
+                    self._guard_stiffness(strategy, grads)
         strategy.optimizer.add_mean_gradient(grads)
         strategy.loss = strategy.loss + penalty.detach()
         self.last_penalty = penalty.detach()
@@ -333,9 +347,54 @@ class FunctionalRegularisationPlugin(SupervisedPlugin):
             )
         if gamma != 1.0:
             opt.mean_curvature = self._curvature * gamma
+        self._gamma = gamma
         self.curvature_scales.append({"experience": strategy.experience.current_experience, "gamma": gamma,
                                       "stiffness": before, "stiffness_scaled": after})
         self.seconds["curvature"] += time.perf_counter() - start
+
+    def _guard_stiffness(self, strategy, grads) -> None:
+        """Within an experience: raise gamma when the mean's last step was stiffer than ``stiffness_guard`` x bound.
+
+        The step's secant stiffness (``cl_bayes.fromp.secant_stiffness``) comes from this step's
+        and the previous step's term gradients at the mean, which the term computes anyway: a dot
+        product per step. It measures the term's full Hessian at the current weights, which the
+        scale chosen at the anchors (``_stabilise_curvature``) cannot see: a memorable point that
+        the new data pushes from a confident prediction towards the decision boundary multiplies
+        its kernel-weighted Jacobian, and the stiffness with it (docs/BISECTION.md, step 9). Past
+        ``stiffness_guard`` times the momentum's bound, gamma becomes the least value that brings
+        that step back to bound / ``stiffness_margin`` (``restabilising_scale``); it only grows
+        within an experience and is chosen afresh at the next one.
+        """
+        if self.stiffness_guard is None or self.stiffness_margin is None or self._curvature is None:
+            return
+        opt = strategy.optimizer
+        if not hasattr(opt, "mean_curvature"):
+            return
+        gradient = torch.cat([
+            (torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, opt.params, strict=True)
+        ])
+        mean = opt.mean
+        previous, self._last_step = self._last_step, (mean, gradient)
+        if previous is None:
+            return
+        group = max(opt.param_groups, key=opt.step_size)
+        step_size, bound = opt.step_size(group), momentum_stability_bound(group["beta1"])
+        base = opt.hess + opt.prior_precision / opt.ess
+        dw = mean - previous[0]
+        stiffness = secant_stiffness(step_size=step_size, step=dw, gradient_change=gradient - previous[1],
+                                     preconditioner=base + self._gamma * self._curvature)
+        if not stiffness > self.stiffness_guard * bound:
+            return
+        gamma = restabilising_scale(
+            gamma=self._gamma, stiffness=stiffness, target=bound / self.stiffness_margin,
+            base_form=float(dw @ (base * dw)), curvature_form=float(dw @ (self._curvature * dw)),
+        )
+        if gamma > self._gamma:
+            self.guard_events.append({"experience": strategy.experience.current_experience,
+                                      "iteration": strategy.clock.train_exp_iterations,
+                                      "secant_stiffness": stiffness, "gamma_before": self._gamma, "gamma": gamma})
+            self._gamma = gamma
+            opt.mean_curvature = self._curvature * gamma
 
     # -- hook 2: end of each experience ------------------------------------------
     def after_training_exp(self, strategy, **kwargs):
@@ -364,6 +423,7 @@ class FunctionalRegularisationPlugin(SupervisedPlugin):
                 start = time.perf_counter()
                 self._curvature = self.prior.curvature(net)  # once per experience, not per step
                 optimizer.mean_curvature = self._curvature
+                self._gamma, self._last_step = 1.0, None
                 self._scale_pending = True
                 self.seconds["curvature"] += time.perf_counter() - start
         self.memory_indices.append(chosen)

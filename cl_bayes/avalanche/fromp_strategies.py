@@ -76,6 +76,8 @@ class FunctionalParams:
     term_curvature: bool = True  # the term's Hessian at its anchors joins IVON's preconditioner (term_at mean)
     stiffness_margin: float | None = 4.0  # scale that curvature until the term's stiffest mode is this far from the
     # momentum's stability bound (cl_bayes.fromp.stable_curvature_scale; None: never scale)
+    stiffness_guard: float | None = 0.5  # within an experience, raise that scale when a step's secant stiffness
+    # exceeds this fraction of the bound (the term's Hessian at the current weights; None: never)
     block_size: int | None = None  # split each experience's memory into kernel blocks of this many points (None: one)
     blocks_per_step: int | None = None  # blocks per step (None: exact; sampled holds split, not permuted: BISECTION 8)
     per_experience: bool = True  # blocks_per_step of *each* past experience's blocks per step (stratified draw)
@@ -92,6 +94,8 @@ class FunctionalParams:
                 check_positive_int(name, getattr(self, name))
         if not isinstance(self.per_experience, bool):
             raise ValueError(f"per_experience must be true or false, got {self.per_experience!r}")
+        if self.stiffness_guard is not None and not 0.0 < self.stiffness_guard <= 1.0:
+            raise ValueError(f"stiffness_guard must be in (0, 1] or null, got {self.stiffness_guard!r}")
         if not isinstance(self.term_curvature, bool):
             raise ValueError(f"term_curvature must be true or false, got {self.term_curvature!r}")
         if self.posterior not in ("ivon", "laplace"):
@@ -129,7 +133,8 @@ def functional_plugin(ctx: BuildContext) -> FunctionalRegularisationPlugin:
     return FunctionalRegularisationPlugin(
         tau=p.tau, memory_size=p.memory_size, kernel=p.kernel, eps=p.eps, selection=p.selection,
         estimator=p.estimator, seed=ctx.config.seed, laplace=laplace, anchor=p.anchor, term_at=p.term_at,
-        term_curvature=p.term_curvature, stiffness_margin=p.stiffness_margin, block_size=p.block_size,
+        term_curvature=p.term_curvature, stiffness_margin=p.stiffness_margin, stiffness_guard=p.stiffness_guard,
+        block_size=p.block_size,
         blocks_per_step=p.blocks_per_step, per_experience=p.per_experience, block_estimator=p.block_estimator,
         refresh_every=p.refresh_every,
     )

@@ -251,10 +251,14 @@ def _run(config: RunConfig, *, data_root, progress, spec_path, checkpoint, on_wa
     table = metrics.reliability(probs, labels)
     params = config.params
     parts = {}  # plugins that time their own passes keep a ``seconds`` dict (e.g. FROMP's Laplace pass)
+    events = {}  # plugins that record what they decided during the run keep an ``events`` dict of lists
     for plugin in strategy.plugins:
         seconds = getattr(plugin, "seconds", None)
         if isinstance(seconds, dict):
             parts.update({name: round(float(v), 3) for name, v in seconds.items()})
+        recorded = getattr(plugin, "events", None)
+        if isinstance(recorded, dict):
+            events.update({name: [dict(e) for e in entries] for name, entries in recorded.items()})
     return {
         "schema_version": SCHEMA_VERSION,
         "benchmark": config.benchmark,
@@ -278,5 +282,6 @@ def _run(config: RunConfig, *, data_root, progress, spec_path, checkpoint, on_wa
         "time_s": {"per_experience": times, "total": float(sum(times)), **({"parts": parts} if parts else {})},
         "peak_memory_mb": round(max(peak_before, peak.peak_mb), 1),
         "memory_size": int(params.get("memory_size", 0)),
+        **({"events": events} if events else {}),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
