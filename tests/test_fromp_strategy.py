@@ -315,15 +315,17 @@ def test_sampled_term_draws_every_past_experience_and_is_scaled_for_its_random_g
 
 
 
-def test_stiffness_guard_raises_the_curvature_scale_after_a_stiff_step(bundle):
-    """After experience 2, the mean moved along the term's stiffest (preconditioned) mode at its current weights with a
-    step size that makes that step 4x the momentum's bound: the guard's secant stiffness, from the term's gradients
-    before and after, is that step's Rayleigh quotient; gamma grows to bring it to bound / margin and IVON divides by
-    h + delta + gamma c from then on. A step within the guard, or no guard, changes nothing."""
+def test_stiffness_guard_raises_the_curvature_scale_after_a_stiff_step_and_takes_an_unstable_one_back(bundle):
+    """After experience 2, the mean moved along the term's stiffest (preconditioned) mode at its current weights, with
+    a step size that makes that step 0.75x or 4x the momentum's bound: the guard's secant stiffness, from the term's
+    gradients before and after, is that step's Rayleigh quotient, and gamma grows to bring it to bound / margin (IVON
+    divides by h + delta + gamma c from then on). Past the bound the step is also taken back: the mean returns to
+    where it started and the step uses the term's gradient there. A step within the guard, or no guard, changes
+    nothing."""
     from cl_bayes.fromp import _top_mode, momentum_stability_bound, secant_stiffness
 
     bound = momentum_stability_bound(0.9)
-    for guard in (0.5, None):
+    for guard, factor in ((0.5, 0.75), (0.5, 4.0), (None, 4.0)):
         strategy, fromp = make_strategy(bundle, tau=10.0, lr=1.0, stiffness_guard=guard)
         for exp in bundle.benchmark.train_stream[:2]:
             strategy.train(exp)
@@ -344,20 +346,22 @@ def test_stiffness_guard_raises_the_curvature_scale_after_a_stiff_step(bundle):
         base = opt.hess + opt.prior_precision / opt.ess
         precond = base + gamma0 * c
         top, mode = _top_mode(fromp.prior, net, precond, iters=100, seed=0, at=opt.mean)
-        opt.param_groups[0]["lr"] = 4.0 * bound / (top * (0.1 + 1e-4))  # step_size * top = 4 bound
+        opt.param_groups[0]["lr"] = factor * bound / (top * (0.1 + 1e-4))  # step_size * top = factor * bound
         step_size = opt.step_size(opt.param_groups[0])
-        before = torch.cat([g.reshape(-1) for g in term_grads()])
-        fromp._guard_stiffness(strategy, term_grads())  # the first step of a pair: nothing to compare with
+        start = opt.mean
+        grads = term_grads()
+        before = torch.cat([g.reshape(-1) for g in grads])
+        assert fromp._guard_stiffness(strategy, grads) is grads  # the first step of a pair: nothing to compare with
         assert fromp.guard_events == []
         dw = 1e-4 * precond.rsqrt() * mode
         move(dw)
         grads = term_grads()
         after = torch.cat([g.reshape(-1) for g in grads])
-        fromp._guard_stiffness(strategy, grads)
+        used = fromp._guard_stiffness(strategy, grads)
         s = secant_stiffness(step_size=step_size, step=dw, gradient_change=after - before, preconditioner=precond)
-        assert s == pytest.approx(4.0 * bound, rel=0.05)  # the step's secant is the stiffest mode's quotient
+        assert s == pytest.approx(factor * bound, rel=0.05)  # the step's secant is the stiffest mode's quotient
         if guard is None:
-            assert fromp.guard_events == [] and torch.equal(opt.mean_curvature, gamma0 * c)
+            assert fromp.guard_events == [] and torch.equal(opt.mean_curvature, gamma0 * c) and used is grads
             continue
         (event,) = fromp.guard_events
         gamma = event["gamma"]
@@ -366,7 +370,13 @@ def test_stiffness_guard_raises_the_curvature_scale_after_a_stiff_step(bundle):
         rescaled = secant_stiffness(step_size=step_size, step=dw, gradient_change=after - before,
                                     preconditioner=base + gamma * c)
         assert rescaled == pytest.approx(bound / 4.0, rel=1e-3)  # back at the target of stiffness_margin 4
-        move(-1e-3 * dw)  # a tiny step: within the guard
+        taken_back = factor > 1.0
+        assert event["step_taken_back"] is taken_back
+        if taken_back:
+            assert torch.equal(opt.mean, start) and torch.equal(torch.cat([g.reshape(-1) for g in used]), before)
+        else:
+            assert torch.equal(opt.mean, start + dw) and used is grads
+        move(1e-3 * dw)  # a tiny step: within the guard
         fromp._guard_stiffness(strategy, term_grads())
         assert len(fromp.guard_events) == 1 and fromp._gamma == gamma
     with pytest.raises(ValueError, match="stiffness_guard"):

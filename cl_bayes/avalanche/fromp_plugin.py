@@ -24,6 +24,12 @@
      at <= 1 / margin of the momentum's stability bound (``cl_bayes.fromp.stable_curvature_scale``;
      ``curvature_scales`` records gamma per experience). A diagonal c misses A's stiffest
      direction by ~1e4 on split MNIST, which had capped the learning rate (docs/BISECTION.md step 7).
+     Within the experience, ``stiffness_guard`` (default 0.5) watches the term's full Hessian at
+     the current weights, which A at the anchors does not bound: the secant stiffness of the
+     mean's last step, from this step's and the previous step's term gradients
+     (``cl_bayes.fromp.secant_stiffness``, a dot product), and when it passes that fraction of
+     the bound gamma grows until the step is back at bound / margin (``guard_events``; the
+     dead-network runs of docs/BISECTION.md step 9). Exact term only.
    * ``before_backward`` otherwise: added to ``strategy.loss`` (one backward pass shared
      with the data loss). With a deterministic optimizer (Adam) the trained weights are
      the mean. ``term_at="network"`` (bisection only) evaluates it there at each IVON
@@ -322,7 +328,7 @@ class FunctionalRegularisationPlugin(SupervisedPlugin):
                 penalty = self.prior(net, blocks=blocks, weights=weights)
                 grads = torch.autograd.grad(penalty, params, allow_unused=True)
                 if blocks is None:
-                    self._guard_stiffness(strategy, grads)
+                    grads = self._guard_stiffness(strategy, grads)
         strategy.optimizer.add_mean_gradient(grads)
         strategy.loss = strategy.loss + penalty.detach()
         self.last_penalty = penalty.detach()
@@ -352,7 +358,7 @@ class FunctionalRegularisationPlugin(SupervisedPlugin):
                                       "stiffness": before, "stiffness_scaled": after})
         self.seconds["curvature"] += time.perf_counter() - start
 
-    def _guard_stiffness(self, strategy, grads) -> None:
+    def _guard_stiffness(self, strategy, grads: tuple) -> tuple:
         """Within an experience: raise gamma when the mean's last step was stiffer than ``stiffness_guard`` x bound.
 
         The step's secant stiffness (``cl_bayes.fromp.secant_stiffness``) comes from this step's
@@ -363,20 +369,24 @@ class FunctionalRegularisationPlugin(SupervisedPlugin):
         its kernel-weighted Jacobian, and the stiffness with it (docs/BISECTION.md, step 9). Past
         ``stiffness_guard`` times the momentum's bound, gamma becomes the least value that brings
         that step back to bound / ``stiffness_margin`` (``restabilising_scale``); it only grows
-        within an experience and is chosen afresh at the next one.
+        within an experience and is chosen afresh at the next one. A step past the bound itself was
+        unstable: it is taken back (Levenberg-Marquardt's rejected step). The mean returns to where
+        the step started and this step uses the term's gradient there, not the one at the stiff
+        point, whose spike lies partly outside c's support, where no gamma damps it. Returns the
+        term's gradients for this step.
         """
         if self.stiffness_guard is None or self.stiffness_margin is None or self._curvature is None:
-            return
+            return grads
         opt = strategy.optimizer
         if not hasattr(opt, "mean_curvature"):
-            return
+            return grads
         gradient = torch.cat([
             (torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, opt.params, strict=True)
         ])
         mean = opt.mean
         previous, self._last_step = self._last_step, (mean, gradient)
         if previous is None:
-            return
+            return grads
         group = max(opt.param_groups, key=opt.step_size)
         step_size, bound = opt.step_size(group), momentum_stability_bound(group["beta1"])
         base = opt.hess + opt.prior_precision / opt.ess
@@ -384,17 +394,27 @@ class FunctionalRegularisationPlugin(SupervisedPlugin):
         stiffness = secant_stiffness(step_size=step_size, step=dw, gradient_change=gradient - previous[1],
                                      preconditioner=base + self._gamma * self._curvature)
         if not stiffness > self.stiffness_guard * bound:
-            return
+            return grads
         gamma = restabilising_scale(
             gamma=self._gamma, stiffness=stiffness, target=bound / self.stiffness_margin,
             base_form=float(dw @ (base * dw)), curvature_form=float(dw @ (self._curvature * dw)),
         )
-        if gamma > self._gamma:
+        rejected = stiffness > bound
+        if gamma > self._gamma or rejected:
             self.guard_events.append({"experience": strategy.experience.current_experience,
-                                      "iteration": strategy.clock.train_exp_iterations,
-                                      "secant_stiffness": stiffness, "gamma_before": self._gamma, "gamma": gamma})
+                                      "iteration": strategy.clock.train_exp_iterations, "secant_stiffness": stiffness,
+                                      "gamma_before": self._gamma, "gamma": gamma, "step_taken_back": rejected})
+        if gamma > self._gamma:
             self._gamma = gamma
             opt.mean_curvature = self._curvature * gamma
+        if not rejected:
+            return grads
+        self._last_step = previous
+        sizes = [p.numel() for p in opt.params]
+        with torch.no_grad():
+            for p, value in zip(opt.params, previous[0].split(sizes), strict=True):
+                p.copy_(value.view_as(p))
+        return tuple(g.view_as(p) for g, p in zip(previous[1].split(sizes), opt.params, strict=True))
 
     # -- hook 2: end of each experience ------------------------------------------
     def after_training_exp(self, strategy, **kwargs):

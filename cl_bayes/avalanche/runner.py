@@ -165,6 +165,26 @@ def _save_checkpoint(path: Path, state: ckpt.Checkpoint, on_warning) -> Path | N
         return None
 
 
+CHANCE_MARGIN = 0.05  # a newly trained experience scored within this of chance is reported as not learnt
+
+
+def chance_level(labels: torch.Tensor) -> float:
+    """The accuracy of a constant guess among an experience's classes: 1 / (number of distinct labels)."""
+    return 1.0 / max(1, int(torch.unique(labels).numel()))
+
+
+def not_learnt_warning(experience: int, accuracy: float, chance: float) -> str | None:
+    """A warning when experience ``experience`` (0-based), just trained, scores within CHANCE_MARGIN of chance.
+
+    A network that stops learning (dead units, a collapsed functional term) can keep finite weights and
+    loss, so ``NonFiniteLossGuard`` never fires; this is the cheap check on what it produced instead.
+    """
+    if accuracy > chance + CHANCE_MARGIN:
+        return None
+    return (f"experience {experience + 1} scores {100 * accuracy:.2f} % right after training on it, within "
+            f"{100 * CHANCE_MARGIN:.0f} points of chance ({100 * chance:.2f} %): the network did not learn it")
+
+
 def build_strategy(config: RunConfig, bundle: BenchmarkBundle, plugins=(), *, data_root=None):
     """The Avalanche strategy for ``config`` on ``bundle``, model included; ``data_root``: where ``bundle`` is from."""
     net = build_model(
@@ -218,9 +238,10 @@ def _run(config: RunConfig, *, data_root, progress, spec_path, checkpoint, on_wa
         resumed = ckpt.load(checkpoint, config.to_dict())
     if resumed is None:
         strategy, definition = build_strategy(config, bundle, data_root=data_root)
-        rows, times, done, peak_before = [], [], 0, 0.0
+        rows, times, done, peak_before, warned = [], [], 0, 0.0, []
     else:  # the generators are restored last: building the benchmark above used them
         strategy, rows, times, done = resumed.strategy, resumed.rows, resumed.times, resumed.done
+        warned = []  # (a resumed run re-checks only the experiences it trains)
         peak_before = resumed.peak_memory_mb
         ckpt.set_rng_state(resumed.rng)
         if progress:
@@ -241,6 +262,12 @@ def _run(config: RunConfig, *, data_root, progress, spec_path, checkpoint, on_wa
                 times.append(time.perf_counter() - start)
                 acc, probs, labels = evaluate(strategy, bundle, config.eval_batch_size, config.device)
                 rows.append(acc)
+                if i < len(acc):
+                    text = not_learnt_warning(i, acc[i], chance_level(bundle.eval[i].y))
+                    if text is not None:
+                        warned.append(text)
+                        if on_warning:
+                            on_warning(f"{config.strategy} on {config.benchmark} seed {config.seed}: {text}")
                 if checkpoint is not None and i + 1 < len(stream):
                     checkpoint = _save_checkpoint(checkpoint, ckpt.Checkpoint(
                         done=i + 1, config=config.to_dict(), rows=rows, times=times,
@@ -283,5 +310,6 @@ def _run(config: RunConfig, *, data_root, progress, spec_path, checkpoint, on_wa
         "peak_memory_mb": round(max(peak_before, peak.peak_mb), 1),
         "memory_size": int(params.get("memory_size", 0)),
         **({"events": events} if events else {}),
+        **({"warnings": warned} if warned else {}),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
