@@ -246,7 +246,8 @@ def test_the_entry_point_in_a_subprocess(tmp_path, mnist_root):
     assert proc.returncode == 0, proc.stderr
     path = result_path(root, "quick", "split-mnist", "lwf", 1)
     assert proc.stdout.startswith(f"{path}: average accuracy ")
-    assert proc.stderr == ""
+    # nothing but warnings (200 examples per experience can leave LwF at chance on one: that is a warning)
+    assert all(line.startswith("cl-bayes: warning: ") for line in proc.stderr.splitlines()), proc.stderr
     assert validate(json.loads(path.read_text()))["config"]["train_per_experience"] == TINY["train_per_experience"]
 
 
