@@ -314,7 +314,6 @@ def test_sampled_term_draws_every_past_experience_and_is_scaled_for_its_random_g
     assert all(s > e for s, e in zip(gammas[True], gammas[False], strict=True))
 
 
-
 def test_stiffness_guard_raises_the_curvature_scale_after_a_stiff_step_and_takes_an_unstable_one_back(bundle):
     """After experience 2, the mean moved along the term's stiffest (preconditioned) mode at its current weights, with
     a step size that makes that step 0.75x or 4x the momentum's bound: the guard's secant stiffness, from the term's

@@ -28,8 +28,9 @@
      the current weights, which A at the anchors does not bound: the secant stiffness of the
      mean's last step, from this step's and the previous step's term gradients
      (``cl_bayes.fromp.secant_stiffness``, a dot product), and when it passes that fraction of
-     the bound gamma grows until the step is back at bound / margin (``guard_events``; the
-     dead-network runs of docs/BISECTION.md step 9). Exact term only.
+     the bound gamma grows until the step is back at bound / margin; a step past the bound is
+     also taken back (``guard_events``; the dead-network runs of docs/BISECTION.md step 9; one
+     run it breaks is there too). Exact term only.
    * ``before_backward`` otherwise: added to ``strategy.loss`` (one backward pass shared
      with the data loss). With a deterministic optimizer (Adam) the trained weights are
      the mean. ``term_at="network"`` (bisection only) evaluates it there at each IVON
