@@ -335,8 +335,11 @@ class FunctionalPrior:
             self.tasks.append(self._memorable_task(model, posterior, task.inputs, task.class_mask))
         self._curvatures = [None] * len(self.tasks)
 
-    def curvature(self, model: nn.Module) -> Tensor:
+    def curvature(self, model: nn.Module, *, at: Tensor | None = None) -> Tensor:
         """diag of R's Hessian at the anchors: tau * sum_s diag(J_s^T K_s^{-1} J_s), flat (P,).
+
+        ``at``: the same Gauss-Newton diagonal with every J_s at these flat weights instead of the
+        task's anchor (not cached): where the term is stiff once the weights have moved.
 
         At its anchor mu_s a task's residual is zero, so there the Hessian of
         tau/2 r^T K^-1 r is exactly its Gauss-Newton part tau J_s^T K_s^{-1} J_s (J_s of the
@@ -346,6 +349,12 @@ class FunctionalPrior:
         O(M^2 C' P) flops for the block kernel.
         """
         total = None
+        if at is not None:
+            for task in self.tasks:
+                part = _task_curvature(model, task, self.kernel, self.chunk_size, at=at)
+                total = part if total is None else total.add_(part)
+            if total is not None:
+                return total.mul_(self.tau)
         for s, task in enumerate(self.tasks):
             if self._curvatures[s] is None:
                 self._curvatures[s] = _task_curvature(model, task, self.kernel, self.chunk_size)
@@ -572,9 +581,11 @@ class RefreshedGradient:
 
 
 @torch.no_grad()
-def _task_curvature(model: nn.Module, task: MemorableTask, form: KernelForm, chunk_size: int | None) -> Tensor:
-    """diag(J^T K^{-1} J) for one task, at its anchor, in the layout of ``form``; flat (P,)."""
-    kwargs = dict(params=task.anchor, output="probs", chunk_size=chunk_size)
+def _task_curvature(
+    model: nn.Module, task: MemorableTask, form: KernelForm, chunk_size: int | None, *, at: Tensor | None = None
+) -> Tensor:
+    """diag(J^T K^{-1} J) for one task, at its anchor (or the flat weights ``at``), in the layout of ``form``; (P,)."""
+    kwargs = dict(params=task.anchor if at is None else at, output="probs", chunk_size=chunk_size)
     mask = task.class_mask
     out = torch.zeros_like(task.anchor)
     with torch.enable_grad():

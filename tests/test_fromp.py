@@ -258,6 +258,27 @@ def test_curvature_is_the_diagonal_of_the_terms_hessian_at_the_anchor(form):
     torch.testing.assert_close(prior.curvature(model), 2 * ours)
 
 
+@pytest.mark.parametrize("form", ["block", "full", "identity"])
+def test_curvature_at_other_weights_is_the_gauss_newton_diagonal_there(form):
+    """curvature(at=w): tau sum_s diag(J_s(w)^T K_s^-1 J_s(w)) with the Jacobians at w, not at the anchor."""
+    model, posterior, prior = _two_task_prior(form)
+    torch.testing.assert_close(prior.curvature(model, at=posterior.mean), prior.curvature(model))
+    w = posterior.mean + 0.3 * torch.randn(posterior.mean.shape, generator=torch.Generator().manual_seed(1))
+    expected = torch.zeros_like(w)
+    for t in prior.tasks:
+        jac = torch.autograd.functional.jacobian(
+            lambda v, t=t: model_outputs(model, t.inputs, params=v, output="probs", class_mask=t.class_mask), w)
+        if form == "block":
+            expected += torch.einsum("cij,icp,jcp->p", t.kernel_inverse, jac, jac)
+        elif form == "full":
+            expected += torch.einsum("icd,icp,idp->p", t.kernel_inverse, jac, jac)
+        else:
+            expected += jac.square().sum((0, 1))
+    ours = prior.curvature(model, at=w)
+    torch.testing.assert_close(ours, prior.tau * expected, atol=1e-8, rtol=1e-5)
+    assert not torch.allclose(ours, prior.curvature(model))
+
+
 def test_curvature_follows_reanchoring_and_is_zero_without_tasks():
     model, posterior, prior = _two_task_prior("block")
     before = prior.curvature(model)

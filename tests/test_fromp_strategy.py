@@ -320,7 +320,8 @@ def test_stiffness_guard_raises_the_curvature_scale_after_a_stiff_step_and_takes
     gradients before and after, is that step's Rayleigh quotient, and gamma grows to bring it to bound / margin (IVON
     divides by h + delta + gamma c from then on). Past the bound the step is also taken back: the mean returns to
     where it started and the step uses the term's gradient there. A step within the guard, or no guard, changes
-    nothing."""
+    nothing. Before gamma is chosen, the term's diagonal curvature c grows to max(c, c(w)), its value at the weights
+    the step reached (the anchors' c can be ~0 along a step that is stiff there)."""
     from cl_bayes.fromp import _top_mode, momentum_stability_bound, secant_stiffness
 
     bound = momentum_stability_bound(0.9)
@@ -365,9 +366,14 @@ def test_stiffness_guard_raises_the_curvature_scale_after_a_stiff_step_and_takes
         (event,) = fromp.guard_events
         gamma = event["gamma"]
         assert event["secant_stiffness"] == pytest.approx(s, rel=1e-3) and event["gamma_before"] == gamma0
-        assert gamma > gamma0 and fromp._gamma == gamma and torch.allclose(opt.mean_curvature, gamma * c)
+        c_now = torch.maximum(c, fromp.prior.curvature(net, at=start + dw))  # c grows to its value where the step ended
+        assert torch.allclose(fromp._curvature, c_now) and (c_now > c).any()
+        refreshed = secant_stiffness(step_size=step_size, step=dw, gradient_change=after - before,
+                                     preconditioner=base + gamma0 * c_now)
+        assert event["secant_stiffness_refreshed"] == pytest.approx(refreshed, rel=1e-3)
+        assert gamma > gamma0 and fromp._gamma == gamma and torch.allclose(opt.mean_curvature, gamma * c_now)
         rescaled = secant_stiffness(step_size=step_size, step=dw, gradient_change=after - before,
-                                    preconditioner=base + gamma * c)
+                                    preconditioner=base + gamma * c_now)
         assert rescaled == pytest.approx(bound / 4.0, rel=1e-3)  # back at the target of stiffness_margin 4
         taken_back = factor > 1.0
         assert event["step_taken_back"] is taken_back

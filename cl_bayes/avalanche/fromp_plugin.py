@@ -27,10 +27,11 @@
      Within the experience, ``stiffness_guard`` (default 0.5) watches the term's full Hessian at
      the current weights, which A at the anchors does not bound: the secant stiffness of the
      mean's last step, from this step's and the previous step's term gradients
-     (``cl_bayes.fromp.secant_stiffness``, a dot product), and when it passes that fraction of
-     the bound gamma grows until the step is back at bound / margin; a step past the bound is
-     also taken back (``guard_events``; the dead-network runs of docs/BISECTION.md step 9; one
-     run it breaks is there too). Exact term only.
+     (``cl_bayes.fromp.secant_stiffness``, a dot product). When it passes that fraction of the
+     bound, c grows to max(c, c(w)), its value at the current weights (one Jacobian pass over
+     the memory: the stiff step may lie where the anchors' c is ~0, out of gamma's reach), and
+     gamma grows if the step is still above bound / margin; a step past the bound is also taken
+     back (``guard_events``; the dead-network runs of docs/BISECTION.md step 9). Exact term only.
    * ``before_backward`` otherwise: added to ``strategy.loss`` (one backward pass shared
      with the data loss). With a deterministic optimizer (Adam) the trained weights are
      the mean. ``term_at="network"`` (bisection only) evaluates it there at each IVON
@@ -368,9 +369,13 @@ class FunctionalRegularisationPlugin(SupervisedPlugin):
         scale chosen at the anchors (``_stabilise_curvature``) cannot see: a memorable point that
         the new data pushes from a confident prediction towards the decision boundary multiplies
         its kernel-weighted Jacobian, and the stiffness with it (docs/BISECTION.md, step 9). Past
-        ``stiffness_guard`` times the momentum's bound, gamma becomes the least value that brings
-        that step back to bound / ``stiffness_margin`` (``restabilising_scale``); it only grows
-        within an experience and is chosen afresh at the next one. A step past the bound itself was
+        ``stiffness_guard`` times the momentum's bound, c first grows to max(c, c(w)), the term's
+        Gauss-Newton diagonal at the current weights: c at the anchors can be ~0 along the stiff
+        step, and scaling it there only switched the term off along its own support (gamma 144 to
+        2e8 and the old tasks lost, docs/BISECTION.md step 9). Then gamma becomes the least value
+        that brings the step, with the grown c, back to bound / ``stiffness_margin``
+        (``restabilising_scale``). c and gamma only grow within an experience and are chosen
+        afresh at the next one. A step past the bound itself was
         unstable: it is taken back (Levenberg-Marquardt's rejected step). The mean returns to where
         the step started and this step uses the term's gradient there, not the one at the stiff
         point, whose spike lies partly outside c's support, where no gamma damps it. Returns the
@@ -396,18 +401,26 @@ class FunctionalRegularisationPlugin(SupervisedPlugin):
                                      preconditioner=base + self._gamma * self._curvature)
         if not stiffness > self.stiffness_guard * bound:
             return grads
+        # c was measured at the anchors; the stiff step may lie where it is ~0 (no gamma reaches there):
+        # c grows to its value at the weights reached, c <- max(c, c(w)), before gamma is chosen
+        numerator = stiffness * float(dw @ ((base + self._gamma * self._curvature) * dw))  # step_size dw.dg
+        start = time.perf_counter()
+        with _eval_mode(unwrap(strategy.model)) as net:
+            self._curvature = torch.maximum(self._curvature, self.prior.curvature(net, at=mean))
+        self.seconds["curvature"] += time.perf_counter() - start
+        base_form, curvature_form = float(dw @ (base * dw)), float(dw @ (self._curvature * dw))
+        refreshed = numerator / (base_form + self._gamma * curvature_form)  # the same step, with c(w)
         gamma = restabilising_scale(
-            gamma=self._gamma, stiffness=stiffness, target=bound / self.stiffness_margin,
-            base_form=float(dw @ (base * dw)), curvature_form=float(dw @ (self._curvature * dw)),
+            gamma=self._gamma, stiffness=refreshed, target=bound / self.stiffness_margin,
+            base_form=base_form, curvature_form=curvature_form,
         )
         rejected = stiffness > bound
-        if gamma > self._gamma or rejected:
-            self.guard_events.append({"experience": strategy.experience.current_experience,
-                                      "iteration": strategy.clock.train_exp_iterations, "secant_stiffness": stiffness,
-                                      "gamma_before": self._gamma, "gamma": gamma, "step_taken_back": rejected})
-        if gamma > self._gamma:
-            self._gamma = gamma
-            opt.mean_curvature = self._curvature * gamma
+        self.guard_events.append({"experience": strategy.experience.current_experience,
+                                  "iteration": strategy.clock.train_exp_iterations, "secant_stiffness": stiffness,
+                                  "secant_stiffness_refreshed": refreshed, "gamma_before": self._gamma,
+                                  "gamma": gamma, "step_taken_back": rejected})
+        self._gamma = gamma
+        opt.mean_curvature = self._curvature * gamma
         if not rejected:
             return grads
         self._last_step = previous
