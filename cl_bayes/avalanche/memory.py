@@ -320,7 +320,9 @@ def sensitivity_selector(
     are seeded from ``seed`` and the experience. ``score_dtype="bfloat16"``: the scoring pass runs under
     torch's bfloat16 autocast (matrix products in bfloat16; scores returned as float32), an approximation
     of the float32 scores. ``benchmarks/test_selection_speed.py`` measures it (row ``last_layer-all-bf16``):
-    13.1 ms against 23.3 ms in float32 on this project's CPU (AVX-512 bf16), keeping 99 % of the memory.
+    13.1 ms against 23.3 ms in float32 on a CPU with AVX-512 bf16, keeping 99 % of the memory, but
+    282 ms against 61 ms on one without native bf16 (AMD EPYC, AVX2 only, 2026-12-07): use it only
+    where the CPU computes bf16 natively.
     """
     _check_candidates(candidates)
     if score_dtype not in ("float32", "bfloat16"):
