@@ -278,38 +278,62 @@ def herding_order(features: Tensor, *, k: int) -> Tensor:
     sum of the rows chosen so far). Expanding the square, that is the row minimising
     ``||x_i||^2 / t - 2 x_i . (mu - r / t)``: one matrix-vector product per step.
     """
-    if features.ndim != 2:
-        raise ValueError(f"features must be (n, D), got {tuple(features.shape)}")
-    if not 0 <= k <= features.shape[0]:
-        raise ValueError(f"k must be in [0, {features.shape[0]}], got {k}")
-    mu = features.mean(dim=0)
-    sq_norms = features.square().sum(dim=-1)
+    return herding_orders([features], [k])[0]
+
+
+def herding_orders(groups: list[Tensor], ks: list[int]) -> list[Tensor]:
+    """``herding_order`` of several independent groups (n_g, D) at once, k_g rows each.
+
+    The groups are padded to the largest and herded side by side: one batched product per step
+    for all of them instead of one small product per group and step (per class, herding is
+    independent), so a memory of C classes costs max k_g steps of Python, not sum k_g.
+    """
+    if len(groups) != len(ks):
+        raise ValueError(f"{len(ks)} quotas for {len(groups)} groups")
+    for features, k in zip(groups, ks, strict=True):
+        if features.ndim != 2:
+            raise ValueError(f"features must be (n, D), got {tuple(features.shape)}")
+        if not 0 <= k <= features.shape[0]:
+            raise ValueError(f"k must be in [0, {features.shape[0]}], got {k}")
+    if not groups:
+        return []
+    if len({f.shape[1] for f in groups}) != 1:
+        raise ValueError("every group must have the same feature dimension")
+    n = max(f.shape[0] for f in groups)
+    feats = groups[0].new_zeros((len(groups), n, groups[0].shape[1]))
+    taken = torch.ones((len(groups), n), dtype=torch.bool, device=feats.device)  # padding is never chosen
+    for g, features in enumerate(groups):
+        feats[g, : features.shape[0]] = features
+        taken[g, : features.shape[0]] = False
+    mu = torch.stack([f.mean(dim=0) if f.shape[0] else f.new_zeros(f.shape[1]) for f in groups])
+    sq_norms = feats.square().sum(dim=-1)
     running = torch.zeros_like(mu)
-    taken = torch.zeros(features.shape[0], dtype=torch.bool)
-    order = []
-    for step in range(1, k + 1):
-        dist = sq_norms / step - 2.0 * (features @ (mu - running / step))
-        dist = dist.masked_fill(taken, float("inf"))
-        i = int(torch.argmin(dist))
-        order.append(i)
-        taken[i] = True
-        running = running + features[i]
-    return torch.tensor(order, dtype=torch.long)
+    rows = torch.arange(len(groups), device=feats.device)
+    steps = max(ks)
+    order = torch.zeros((len(groups), steps), dtype=torch.long, device=feats.device)
+    for step in range(1, steps + 1):
+        # a broadcast multiply-and-sum: bmm of (G, n, D) by (G, D, 1) is ~4x slower on CPU (measured)
+        dist = sq_norms / step - 2.0 * (feats * (mu - running / step).unsqueeze(1)).sum(dim=-1)
+        i = dist.masked_fill(taken, float("inf")).argmin(dim=1)
+        order[:, step - 1] = i
+        taken[rows, i] = True  # a group past its quota goes on choosing; those picks are dropped
+        running = running + feats[rows, i]
+    return [order[g, :k].cpu() for g, k in enumerate(ks)]
 
 
 def herding_selection(features: Tensor, labels: Tensor, *, memory_size: int, normalize: bool = True) -> Tensor:
-    """Per class, iCaRL herding on (L2-normalised, by default) features (N, D)."""
+    """Per class, iCaRL herding on (L2-normalised, by default) features (N, D); all classes herded at once."""
     labels = _check_labels(labels)
     if features.ndim != 2 or features.shape[0] != labels.shape[0]:
         raise ValueError(f"features must be ({labels.shape[0]}, D), got {tuple(features.shape)}")
     feats = features.detach()
     if normalize:
         feats = torch.nn.functional.normalize(feats, dim=-1)
-
-    def pick(members: Tensor, quota: int) -> Tensor:
-        return herding_order(feats[members], k=quota)
-
-    return _per_class(labels, memory_size, pick)
+    quotas = [(c, quota) for c, quota in class_quotas(labels, memory_size=memory_size).items() if quota > 0]
+    members = [torch.nonzero(labels == c).squeeze(-1) for c, _ in quotas]
+    orders = herding_orders([feats[m] for m in members], [quota for _, quota in quotas])
+    out = [m[o] for m, o in zip(members, orders, strict=True)]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 
 def select_memory(

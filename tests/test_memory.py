@@ -10,6 +10,7 @@ import torch
 from cl_bayes.memory import (
     class_quotas,
     herding_order,
+    herding_orders,
     herding_selection,
     random_selection,
     select_memory,
@@ -120,6 +121,19 @@ def test_herding_matches_brute_force():
     features = torch.randn(15, 4, generator=g, dtype=torch.float64)
     for k in (1, 4, 15):
         assert herding_order(features, k=k).tolist() == _herding_brute_force(features, k)
+
+
+def test_herding_of_groups_side_by_side_equals_each_group_alone():
+    """Groups of different sizes and quotas (one taken whole, one of a single row), herded at once."""
+    g = torch.Generator().manual_seed(8)
+    groups = [torch.randn(n, 4, generator=g, dtype=torch.float64) for n in (5, 12, 1, 7)]
+    ks = [5, 3, 1, 0]
+    orders = herding_orders(groups, ks)
+    assert [o.tolist() for o in orders] == [_herding_brute_force(f, k) for f, k in zip(groups, ks, strict=True)]
+    with pytest.raises(ValueError, match="k must be"):
+        herding_orders(groups, [6, 3, 1, 0])
+    with pytest.raises(ValueError, match="quotas"):
+        herding_orders(groups, ks[:2])
 
 
 def test_herding_selection_per_class_on_normalised_features():
