@@ -270,7 +270,7 @@ class FunctionalRegularisationPlugin(SupervisedPlugin):
         if stiffness_guard is not None and not 0.0 < stiffness_guard <= 1.0:
             raise ValueError(f"stiffness_guard must be in (0, 1] or None, got {stiffness_guard!r}")
         self.stiffness_guard = stiffness_guard
-        self.guard_events: list[dict] = []  # each time the guard raised gamma within an experience
+        self.guard_events: list[dict] = []  # each action of the guard: c regrown, gamma, step taken back
         self._gamma = 1.0  # the curvature scale in force
         self._last_step: tuple[Tensor, Tensor] | None = None  # (mean, term gradient) of the previous step
         self.curvature_scales: list[dict] = []  # per experience with a term: gamma and the stiffness before/after
