@@ -349,16 +349,14 @@ class FunctionalPrior:
         O(M^2 C' P) flops for the block kernel.
         """
         total = None
-        if at is not None:
-            for task in self.tasks:
-                part = _task_curvature(model, task, self.kernel, self.chunk_size, at=at)
-                total = part if total is None else total.add_(part)
-            if total is not None:
-                return total.mul_(self.tau)
         for s, task in enumerate(self.tasks):
-            if self._curvatures[s] is None:
-                self._curvatures[s] = _task_curvature(model, task, self.kernel, self.chunk_size)
-            total = self._curvatures[s].clone() if total is None else total.add_(self._curvatures[s])
+            if at is not None:
+                part = _task_curvature(model, task, self.kernel, self.chunk_size, at=at)
+            else:
+                if self._curvatures[s] is None:
+                    self._curvatures[s] = _task_curvature(model, task, self.kernel, self.chunk_size)
+                part = self._curvatures[s]
+            total = part.clone() if total is None else total.add_(part)
         if total is None:
             num = sum(p.numel() for _, p in trainable_parameters(model))
             return torch.zeros(num, device=next(iter(model.parameters())).device)

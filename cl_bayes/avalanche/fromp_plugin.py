@@ -378,8 +378,9 @@ class FunctionalRegularisationPlugin(SupervisedPlugin):
         afresh at the next one. A step past the bound itself was
         unstable: it is taken back (Levenberg-Marquardt's rejected step). The mean returns to where
         the step started and this step uses the term's gradient there, not the one at the stiff
-        point, whose spike lies partly outside c's support, where no gamma damps it. Returns the
-        term's gradients for this step.
+        point (with the first version of the guard, which only raised gamma, `bayes-cl` stratified
+        seed 1 died without it; not re-measured since c is regrown). Returns the term's gradients
+        for this step.
         """
         if self.stiffness_guard is None or self.stiffness_margin is None or self._curvature is None:
             return grads
